@@ -1,0 +1,33 @@
+# `make demo` and `make test` are the whole set-up on a fresh machine: each creates .venv and installs
+# what it needs (pinned by constraints.txt) before running.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all bench lint clean
+
+$(VENV)/.base: setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m experiments.regression --config=experiments/configs/regression.py:cpu_demo --workdir=runs/regression_demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(VENV)/.test
+	$(PY) -m experiments.benchmarks.sharding_memory --out=runs/benchmarks/sharding_memory.json
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

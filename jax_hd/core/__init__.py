@@ -1,0 +1,1 @@
+"""Shared machinery: configs, meshes and sharding, train state, checkpoints, metrics."""

@@ -1,0 +1,1 @@
+"""Flax Linen modules, each with a frozen config dataclass."""

@@ -117,7 +117,7 @@ def make_train_step(
     def step(state: train_state.TrainState, batch: dict[str, jax.Array]):
         loss, grads = jax.value_and_grad(functools.partial(mse_loss, model))(state.params, batch)
         state = state.apply_gradients(grads, tx)
-        return state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(
         step,
@@ -213,7 +213,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except config_lib.ConfigError as e:
+        sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":

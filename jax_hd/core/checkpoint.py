@@ -35,6 +35,17 @@ def _metadata_shapes(tree_metadata: Any) -> dict[str, tuple[tuple[int, ...], str
     return {leaf.name: (tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves if hasattr(leaf, "name")}
 
 
+def _param_name(path: tuple) -> str:
+    """A key path as orbax names the saved array: `params.layer_0.kernel`, `opt_state.1.0.mu.w`."""
+    parts = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+    return ".".join(parts)
+
+
 def check_compatible(tree_metadata: Any, target: Any) -> None:
     """Raises CheckpointMismatchError naming the first parameter path whose shape or presence differs.
 
@@ -42,10 +53,10 @@ def check_compatible(tree_metadata: Any, target: Any) -> None:
     restore into.
     """
     saved = _metadata_shapes(tree_metadata)
-    names = ocp.tree.get_param_names(target)
-    expected = {}
-    for name, leaf in zip(jax.tree.leaves(names), jax.tree.leaves(target)):
-        expected[name] = (tuple(leaf.shape), str(leaf.dtype))
+    expected = {
+        _param_name(path): (tuple(leaf.shape), str(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+    }
     for name, (shape, dtype) in expected.items():
         if name not in saved:
             raise CheckpointMismatchError(
@@ -108,7 +119,16 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item, save_args, restore_args, handler in (
+            ("state", ocp.args.StandardSave, ocp.args.StandardRestore, ocp.StandardCheckpointHandler),
+            ("config", ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler),
+            ("data_iter", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore,
+             grain.checkpoint.CheckpointHandler),
+        ):
+            registry.add(item, save_args, handler)
+            registry.add(item, restore_args, handler)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
         self._sigterm = threading.Event()
         self._previous_handler = None
         if handle_sigterm and threading.current_thread() is threading.main_thread():
@@ -170,7 +190,7 @@ class Checkpointer:
         )
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
         if data_iter is not None:
-            if "data_iter" not in metadata or metadata["data_iter"] is None:
+            if not os.path.isdir(os.path.join(self.directory, str(step), "data_iter")):
                 raise CheckpointMismatchError(f"checkpoint {step} in {self.directory} has no data-iterator state")
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))

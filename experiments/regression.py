@@ -28,7 +28,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from jax_hd.core import checkpoint, config as config_lib, metrics, sharding, train_state
+from jax_hd.core import checkpoint, metrics, sharding, train_state
+from jax_hd.core import config as config_lib
 from jax_hd.models.mlp import MLP, MLPConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset: path.py:preset.", lock_config=True)
@@ -147,7 +148,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
     config_lib.validate(config, SCHEMA)
     d = config.distributed
     sharding.maybe_initialize_distributed(
-        d.mode, d.coordinator_address or None, None if d.num_processes < 0 else d.num_processes,
+        d.mode,
+        d.coordinator_address or None,
+        None if d.num_processes < 0 else d.num_processes,
         None if d.process_id < 0 else d.process_id,
     )
     mesh = sharding.make_mesh(config.mesh)
@@ -159,10 +162,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
     eval_x, eval_y = synthetic_regression(
         config.data.num_eval, config.model.in_dim, config.data.noise_std, config.seed + 1
     )
-    eval_batch = sharding.shard_batch(
-        {"x": eval_x[jax.process_index() :: jax.process_count()], "y": eval_y[jax.process_index() :: jax.process_count()]},
-        mesh,
-    )
+    rows = slice(jax.process_index(), None, jax.process_count())
+    eval_batch = sharding.shard_batch({"x": eval_x[rows], "y": eval_y[rows]}, mesh)
 
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -180,11 +181,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
         state = ckpt.restore(state, train_iter)
     start = int(state.step)
 
+    preempted = False
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = make_train_step(model, tx, state_shardings, mesh)
         eval_loss = jax.jit(functools.partial(mse_loss, model))
         writer = metrics.MetricWriter(workdir, t.steps, start_step=start, console_keys=("loss", "eval_loss"))
-        preempted = False
         for step in range(start + 1, t.steps + 1):
             state, step_metrics = train_step(state, sharding.shard_batch(next(train_iter), mesh))
             if step % t.log_every == 0 or step == t.steps:
@@ -197,14 +198,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
             if preempted:
                 logging.warning("preempted: saved step %d; rerun the same command to resume", step)
                 break
-        writer.close()
+        final_eval_loss = float(eval_loss(state.params, eval_batch))
+    writer.close()
     ckpt.close()
-    if jax.process_index() == 0 and not preempted:
-        metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir, "metrics.png"), ["loss", "eval_loss"])
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump({"step": int(state.step), "eval_loss": float(eval_loss(state.params, eval_batch))}, f)
     if preempted:
         sys.exit(EXIT_PREEMPTED)
+    if jax.process_index() == 0:
+        metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir, "metrics.png"), ["loss", "eval_loss"])
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump({"step": int(state.step), "eval_loss": final_eval_loss}, f)
+        logging.info("done: step %d, eval_loss %.5f; outputs in %s", int(state.step), final_eval_loss, workdir)
     return state
 
 
@@ -213,6 +216,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
+    metrics.quiet_library_logs()
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except config_lib.ConfigError as e:

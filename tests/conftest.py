@@ -12,9 +12,6 @@ import pytest  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: end-to-end runs in subprocesses (deselect with -m 'not slow')")
-
 
 @pytest.fixture(scope="session")
 def repo_root() -> str:

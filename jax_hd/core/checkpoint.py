@@ -170,7 +170,7 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
-            logging.info("checkpoint: saving step %d to %s", step, self.directory)
+            logging.debug("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
     def restore(self, target: Any, data_iter: Iterator | None = None, step: int | None = None) -> Any:

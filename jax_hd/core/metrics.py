@@ -6,6 +6,7 @@ Only process 0 writes (the others get a writer that does nothing), so multi-host
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -17,6 +18,21 @@ import numpy as np
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class _DropLibraryInfo(logging.Filter):
+    """Drops INFO records that orbax and grain log on every save (they bury the progress bar)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/_src/"))
+        return record.levelno >= logging.WARNING or not noisy
+
+
+def quiet_library_logs() -> None:
+    """Keeps absl INFO logging for jax_hd but silences the libraries' per-save INFO chatter."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
 def _to_float(value: Any) -> float:
@@ -132,9 +148,10 @@ def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] | None = No
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):  # Spare panels are blanked below.
         points = [(row["step"], row[key]) for row in rows if key in row]
-        ax.plot(*zip(*points), linewidth=1.2)
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, linewidth=1.2)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -56,22 +56,23 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {list(MESH_AXES)}")
     sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    requested = dict(zip(MESH_AXES, sizes, strict=True))
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {requested}")
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"at most one mesh axis may be -1, got {requested}")
     fixed = math.prod(s for s in sizes if s != -1)
     if free:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by the fixed "
+                f"mesh {requested}: {num_devices} devices are not divisible by the fixed "
                 f"axes' product {fixed}"
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {fixed} devices, but {num_devices} are available; "
+            f"mesh {requested} needs {fixed} devices, but {num_devices} are available; "
             "set one axis to -1 to take the rest"
         )
     return tuple(sizes)

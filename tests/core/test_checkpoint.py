@@ -160,7 +160,7 @@ def uninterrupted(tmp_path_factory, python, subprocess_env, repo_root):
 def _assert_bit_identical(a, b):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -76,7 +76,10 @@ def test_load_config_errors(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("--config.trainer.lrr=0.1", "unknown config field 'trainer.lrr' in '--config.trainer.lrr=0.1'; did you mean 'trainer.lr'?"),
+        (
+            "--config.trainer.lrr=0.1",
+            "unknown config field 'trainer.lrr' in '--config.trainer.lrr=0.1'; did you mean 'trainer.lr'?",
+        ),
         ("--config.trainer.lr=abc", "could not convert string to float: 'abc'"),
     ],
 )

@@ -1,0 +1,1 @@
+"""Decoding: KV-cache sampling, beam search, prefix-tree constraints."""

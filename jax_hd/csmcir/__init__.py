@@ -1,0 +1,1 @@
+"""CSMCIR: symmetric dual-tower composed image retrieval (model, bank, losses, captions, training, evaluation)."""

@@ -31,6 +31,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -228,7 +229,9 @@ class Sampler:
       apply_fn: `(params, tokens, positions, attention_mask, cache) -> (logits, cache)`.
       init_cache_fn: `(batch, max_len) -> cache` (created inside the jitted program).
       config: buckets, pad id and table sizes.
-      mesh: when given, the batch is sharded over `data` x `fsdp` (padded to a multiple of it).
+      mesh: when given, the batch is sharded over `data` x `fsdp` (padded to a multiple of it) and the model is
+        traced under `jax.set_mesh(mesh)` and `rules`, so its logical constraints shard heads, cache etc.
+      rules: logical-axis rules (default `sharding.DEFAULT_RULES`).
     """
 
     def __init__(
@@ -237,9 +240,11 @@ class Sampler:
         init_cache_fn: Callable[[int, int], Any],
         config: SamplerConfig = SamplerConfig(),
         mesh: Mesh | None = None,
+        rules: sharding.Rules | None = None,
     ):
         self.config = config
         self.mesh = mesh
+        self.rules = sharding.normalize_rules(rules)
         self._apply_fn = apply_fn
         self._init_cache_fn = init_cache_fn
         self._compiled: dict[int, Callable[..., SamplerOutput]] = {}
@@ -327,11 +332,13 @@ class Sampler:
             seq_table[b] = _pad_table(list(sequences), cfg.max_stop_sequences, cfg.max_stop_sequence_len,
                                       "stop-sequence tokens", right_align=True)
 
-        out = self._program(max_new)(
-            params, tokens, mask, rng,
-            per_row(temperature, np.float32), per_row(top_k, np.int32), per_row(top_p, np.float32),
-            new_tokens, stop_table, seq_table,
-        )
+        args = (params, tokens, mask, rng, per_row(temperature, np.float32), per_row(top_k, np.int32),
+                per_row(top_p, np.float32), new_tokens, stop_table, seq_table)
+        if self.mesh is None:
+            out = self._program(max_new)(*args)
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                out = self._program(max_new)(*args)
         out = jax.device_get(out)
         return SamplerOutput(
             tokens=out.tokens[:n], logprobs=out.logprobs[:n], lengths=out.lengths[:n], finished=out.finished[:n]

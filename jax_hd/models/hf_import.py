@@ -1,0 +1,594 @@
+"""HF safetensors checkpoints <-> Flax params, for every model in `jax_hd.models`.
+
+Generic part: each Flax leaf corresponds to one HF tensor through a `TensorMap`,
+`flax = hf.transpose(perm).reshape(flax_shape)` (a transpose, then splitting axes, e.g. `heads * head_dim`
+into `[heads, head_dim]`). From that one description we derive the expected HF shapes (validation), the HF
+slice behind any Flax slice (sharded loading: each host reads only what its devices hold), and the inverse
+for saving. A model adds a `*_tensor_maps(config)` table and thin `load_*` / `save_*` wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import linen as nn
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from jax_hd.models import bert, qwen2
+
+Path = tuple[str, ...]  # a Flax leaf's key path, e.g. ("layers_0", "self_attn", "q_proj", "kernel")
+Index = tuple[slice, ...]
+CONFIG_FILE = "config.json"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # HF's default "5GB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generic: one Flax leaf <-> one HF tensor.
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """`flax = hf.transpose(perm).reshape(flax_shape)`.
+
+    perm: axis permutation applied to the HF tensor (`()`: identity).
+    groups: how many consecutive Flax axes each (permuted) HF axis splits into (`()`: one each), e.g.
+      `(1, 2)` for `[hidden, heads * head_dim] -> [hidden, heads, head_dim]`.
+    """
+
+    hf_name: str
+    perm: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+
+    def _groups(self, flax_rank: int) -> tuple[int, ...]:
+        groups = self.groups or (1,) * flax_rank
+        if sum(groups) != flax_rank:
+            raise ValueError(f"{self.hf_name}: groups {groups} do not cover a rank-{flax_rank} Flax array")
+        return groups
+
+    def _perm(self, hf_rank: int) -> tuple[int, ...]:
+        return self.perm or tuple(range(hf_rank))
+
+    def _grouped(self, flax_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Flax axes split per group: `[hidden, heads, head_dim]`, groups (1, 2) -> [(hidden,), (heads, hd)]."""
+        out, start = [], 0
+        for g in self._groups(len(flax_shape)):
+            out.append(tuple(flax_shape[start : start + g]))
+            start += g
+        return out
+
+    def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The HF tensor shape that maps to `flax_shape`."""
+        permuted = [math.prod(g) for g in self._grouped(flax_shape)]
+        perm = self._perm(len(permuted))
+        hf = [0] * len(permuted)
+        for i, p in enumerate(perm):
+            hf[p] = permuted[i]
+        return tuple(hf)
+
+    def to_flax(self, hf: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+        return np.transpose(hf, self._perm(hf.ndim)).reshape(flax_shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        permuted = [math.prod(g) for g in self._grouped(x.shape)]
+        return np.transpose(x.reshape(permuted), np.argsort(self._perm(len(permuted))))
+
+    def read(self, hf_slice: Any, flax_shape: tuple[int, ...], index: Index) -> np.ndarray:
+        """Reads the Flax slice `index` from `hf_slice` (`hf_slice[hf_index]` reads an HF sub-array).
+
+        A group's leading axis maps to a contiguous HF range; its inner axes are read whole and sliced
+        after the reshape (they are `kv`/`head_dim`, which no rule shards).
+        """
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, flax_shape, strict=True))
+        permuted_index, read_shape, rest, axis = [], [], [], 0
+        for group in self._grouped(flax_shape):
+            lead = index[axis]
+            inner = math.prod(group[1:])
+            permuted_index.append(slice(lead.start * inner, lead.stop * inner))
+            read_shape += [lead.stop - lead.start, *group[1:]]
+            rest += [slice(None), *index[axis + 1 : axis + len(group)]]
+            axis += len(group)
+        perm = self._perm(len(permuted_index))
+        hf_index = [slice(None)] * len(perm)
+        for i, p in enumerate(perm):
+            hf_index[p] = permuted_index[i]
+        x = np.transpose(hf_slice[tuple(hf_index)], perm).reshape(read_shape)
+        return x[tuple(rest)]
+
+
+class SafetensorsDir(contextlib.AbstractContextManager):
+    """Read access to the tensors of a HF checkpoint directory (one file, or shards + index)."""
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        index_path = os.path.join(hf_dir, SAFETENSORS_INDEX_FILE)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            self._files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+        else:
+            paths = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+            if not paths:
+                raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
+            self._files = {}
+            for path in paths:
+                with safetensors.safe_open(path, framework="numpy") as f:
+                    self._files.update({name: path for name in f.keys()})
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, name: str) -> Any:
+        path = self._files[name]
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safetensors.safe_open(path, framework="numpy"))
+        return self._handles[path]
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def get_slice(self, name: str) -> Any:
+        """Lazily sliceable tensor: `get_slice(name)[1:3, :]` reads only those rows."""
+        return self._handle(name).get_slice(name)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def check_tensors(
+    reader: SafetensorsDir,
+    maps: Mapping[Path, TensorMap],
+    flax_shapes: Mapping[Path, tuple[int, ...]],
+    ignore: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Raises ValueError naming every missing, wrongly-shaped or unexpected HF tensor."""
+    problems = []
+    expected = {m.hf_name: m.hf_shape(flax_shapes[path]) for path, m in maps.items()}
+    present = set(reader.names())
+    for name, shape in expected.items():
+        if name not in present:
+            problems.append(f"missing tensor {name} (expected shape {shape})")
+        elif reader.shape(name) != shape:
+            problems.append(f"tensor {name} has shape {reader.shape(name)}, expected {shape}")
+    unexpected = sorted(n for n in present - set(expected) if not ignore(n))
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if problems:
+        raise ValueError(f"checkpoint {reader.hf_dir} does not match the model config:\n  " + "\n  ".join(problems))
+
+
+def read_tensors(
+    reader: SafetensorsDir,
+    maps: Mapping[Path, TensorMap],
+    flax_shapes: Mapping[Path, tuple[int, ...]],
+    dtype: Any,
+    shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
+) -> dict[Path, jax.Array]:
+    """Flax leaves by path: whole tensors on the default device, or assembled per device with `shardings`."""
+    out = {}
+    for path, m in maps.items():
+        shape = flax_shapes[path]
+        if shardings is None:
+            out[path] = jnp.asarray(m.to_flax(reader.get(m.hf_name), shape).astype(dtype))
+        else:
+            out[path] = _read_sharded(reader, m, shape, dtype, shardings[path])
+    return out
+
+
+def _read_sharded(
+    reader: SafetensorsDir, m: TensorMap, shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding
+) -> jax.Array:
+    """One global array; this host reads only its devices' slices, each distinct slice once."""
+    slices: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+    def callback(index: Index) -> np.ndarray:
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+        if key not in slices:
+            slices[key] = m.read(reader.get_slice(m.hf_name), shape, index).astype(dtype)
+        return slices[key]
+
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """A whole (possibly sharded, possibly multi-host) array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def write_safetensors(
+    hf_dir: str,
+    tensors: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]],
+    dtype: Any,
+    max_shard_bytes: int,
+) -> None:
+    """Writes `{hf_name: (shape, fetch)}` as `model.safetensors` or HF-style shards + index.
+
+    `fetch()` is called in every process (it may be a collective); only process 0 writes. Stale
+    `model*.safetensors` files and index in `hf_dir` are removed first.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, (shape, _) in tensors.items():
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += nbytes
+    writer = jax.process_index() == 0
+    if writer:
+        stale = glob.glob(os.path.join(hf_dir, "model*.safetensors")) + [os.path.join(hf_dir, SAFETENSORS_INDEX_FILE)]
+        for path in stale:
+            if os.path.exists(path):
+                os.remove(path)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = {name: np.ascontiguousarray(tensors[name][1]().astype(dtype)) for name in names}
+        if writer:
+            safetensors.numpy.save_file(arrays, os.path.join(hf_dir, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in names})
+    if writer and len(shards) > 1:
+        total = sum(math.prod(shape) * itemsize for shape, _ in tensors.values())
+        with open(os.path.join(hf_dir, SAFETENSORS_INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _unwrap(tree: Any) -> Any:
+    """Accepts `{"params": tree}` or the tree itself."""
+    return tree["params"] if isinstance(tree, Mapping) and set(tree) == {"params"} else tree
+
+
+def _flat(tree: Any) -> dict[Path, Any]:
+    return traverse_util.flatten_dict(_unwrap(tree))
+
+
+def _check_same_paths(what: str, got: Mapping[Path, Any], expected: Mapping[Path, Any]) -> None:
+    if set(got) != set(expected):
+        missing = sorted("/".join(p) for p in set(expected) - set(got))
+        extra = sorted("/".join(p) for p in set(got) - set(expected))
+        raise ValueError(f"{what} does not match the model's params: missing {missing}, unexpected {extra}")
+
+
+def _dtype_from_hf(d: Mapping[str, Any]) -> Any:
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return jnp.dtype(str(name).removeprefix("torch."))
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2.
+
+
+def qwen2_tensor_maps(config: qwen2.Qwen2Config) -> dict[Path, TensorMap]:
+    """Flax path -> HF tensor for `Qwen2ForCausalLM` (see `qwen2.py` for the Flax layouts)."""
+    transpose = (1, 0)
+    maps = {("embed_tokens", "embedding"): TensorMap("model.embed_tokens.weight")}
+    for i in range(config.num_hidden_layers):
+        flax_layer, hf_layer = f"layers_{i}", f"model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            hf = f"{hf_layer}.self_attn.{proj}"
+            maps[(flax_layer, "self_attn", proj, "kernel")] = TensorMap(f"{hf}.weight", transpose, (1, 2))
+            maps[(flax_layer, "self_attn", proj, "bias")] = TensorMap(f"{hf}.bias", (), (2,))
+        maps[(flax_layer, "self_attn", "o_proj", "kernel")] = TensorMap(
+            f"{hf_layer}.self_attn.o_proj.weight", transpose, (2, 1)
+        )
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            maps[(flax_layer, "mlp", proj, "kernel")] = TensorMap(f"{hf_layer}.mlp.{proj}.weight", transpose)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            maps[(flax_layer, norm, "scale")] = TensorMap(f"{hf_layer}.{norm}.weight")
+    maps[("norm", "scale")] = TensorMap("model.norm.weight")
+    if not config.tie_word_embeddings:
+        maps[("lm_head",)] = TensorMap("lm_head.weight", transpose)
+    return maps
+
+
+def qwen2_param_shapes(config: qwen2.Qwen2Config) -> dict[Path, tuple[int, ...]]:
+    """Flax param shapes by path, from an abstract init (no memory)."""
+    abstract = jax.eval_shape(functools.partial(qwen2.init_params, config), jax.random.key(0))
+    return {path: tuple(x.shape) for path, x in _flat(nn.unbox(abstract)).items()}
+
+
+def _qwen2_ignored(config: qwen2.Qwen2Config) -> Callable[[str], bool]:
+    def ignore(name: str) -> bool:
+        return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+    return ignore
+
+
+def read_qwen2_config(hf_dir: str, **overrides: Any) -> qwen2.Qwen2Config:
+    """`Qwen2Config` from `hf_dir/config.json`; `overrides` set JAX-side fields (dtype, param_dtype, remat)."""
+    return qwen2.Qwen2Config.from_hf_dict(_read_json(os.path.join(hf_dir, CONFIG_FILE)), **overrides)
+
+
+def load_qwen2(
+    hf_dir: str, *, dtype: Any = None, shardings: Any = None, **config_overrides: Any
+) -> tuple[qwen2.Qwen2Config, dict[str, Any]]:
+    """Reads a HF Qwen2 checkpoint directory (config.json + safetensors) into Flax params.
+
+    Args:
+      hf_dir: directory with `config.json` and `model.safetensors` or shards + `model.safetensors.index.json`.
+      dtype: dtype of the loaded params (default: the checkpoint's `torch_dtype`); becomes `param_dtype`.
+      shardings: optional tree of `jax.sharding.Sharding` matching the params, e.g.
+        `sharding.logical_shardings(jax.eval_shape(functools.partial(qwen2.init_params, config), rng), mesh)`.
+        Each tensor is then assembled with `jax.make_array_from_callback`, reading only local slices.
+      **config_overrides: JAX-side `Qwen2Config` fields, e.g. `dtype=jnp.bfloat16` (activations), `remat=True`.
+    Returns:
+      `(config, params)`, params the `"params"` collection of `qwen2.Qwen2LM` (plain nested dict).
+    Raises:
+      ValueError naming each missing, wrongly-shaped or unexpected tensor.
+    """
+    if "param_dtype" in config_overrides:
+        raise TypeError("load_qwen2: pass the params' dtype as dtype=, not param_dtype=")
+    hf_config = _read_json(os.path.join(hf_dir, CONFIG_FILE))
+    dtype = jnp.dtype(dtype or _dtype_from_hf(hf_config))
+    config = qwen2.Qwen2Config.from_hf_dict(hf_config, param_dtype=dtype, **config_overrides)
+    maps, shapes = qwen2_tensor_maps(config), qwen2_param_shapes(config)
+    _check_same_paths("qwen2_tensor_maps", maps, shapes)
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = _flat(shardings)
+        _check_same_paths("shardings", flat_shardings, shapes)
+    with SafetensorsDir(hf_dir) as reader:
+        check_tensors(reader, maps, shapes, ignore=_qwen2_ignored(config))
+        flat = read_tensors(reader, maps, shapes, dtype, flat_shardings)
+    return config, traverse_util.unflatten_dict(flat)
+
+
+def save_qwen2(
+    hf_dir: str,
+    config: qwen2.Qwen2Config,
+    params: Any,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes `params` (possibly sharded, boxed, or under a `"params"` key) as a HF Qwen2 checkpoint.
+
+    `dtype`: tensor dtype on disk (default `config.param_dtype`). Call it on every process; process 0 writes.
+    The result loads with `transformers.Qwen2ForCausalLM.from_pretrained(hf_dir)`.
+    """
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    flat = _flat(nn.unbox(params))
+    maps, shapes = qwen2_tensor_maps(config), qwen2_param_shapes(config)
+    _check_same_paths("params", flat, shapes)
+    for path, shape in shapes.items():
+        if tuple(flat[path].shape) != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
+    tensors = {
+        m.hf_name: (m.hf_shape(shapes[path]), functools.partial(lambda m, x: m.to_hf(_to_host(x)), m, flat[path]))
+        for path, m in maps.items()
+    }
+    if jax.process_index() == 0:
+        os.makedirs(hf_dir, exist_ok=True)
+        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
+            json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
+    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers.
+
+
+def load_tokenizer(hf_dir: str) -> Any:
+    """`transformers.AutoTokenizer` from a local directory (never the hub)."""
+    import transformers  # heavy; only needed here
+
+    return transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BERT (all-MiniLM-L6-v2, E5, BGE): `transformers.BertModel` checkpoints, bare or `bert.`-prefixed keys.
+
+SENTENCE_MODULES_FILE = "modules.json"  # sentence-transformers pipeline description
+
+
+@dataclasses.dataclass(frozen=True)
+class BertLayout:
+    """How a BERT checkpoint names its tensors.
+
+    prefix: `""` (`BertModel.save_pretrained`, sentence-transformers, E5, BGE) or `"bert."`
+      (`BertForPreTraining`, `BertForMaskedLM`, ...; their heads are ignored).
+    norm_names: LayerNorm `(scale, bias)` suffixes: `("weight", "bias")`, or `("gamma", "beta")` in old exports.
+    """
+
+    prefix: str = ""
+    norm_names: tuple[str, str] = ("weight", "bias")
+
+
+def detect_bert_layout(names: list[str], hf_dir: str = "") -> BertLayout:
+    """The `BertLayout` of a checkpoint from its tensor names; ValueError when it has no BERT embeddings."""
+    names = set(names)
+    for prefix in ("", "bert."):
+        for norm_names in (("weight", "bias"), ("gamma", "beta")):
+            if f"{prefix}embeddings.LayerNorm.{norm_names[0]}" in names:
+                return BertLayout(prefix, norm_names)
+    for prefix in ("", "bert."):
+        if f"{prefix}embeddings.word_embeddings.weight" in names:
+            return BertLayout(prefix)
+    raise ValueError(
+        f"checkpoint {hf_dir} has no BERT embeddings: expected 'embeddings.word_embeddings.weight' or "
+        f"'bert.embeddings.word_embeddings.weight' among its {len(names)} tensors"
+    )
+
+
+def bert_tensor_maps(config: bert.BertConfig, layout: BertLayout = BertLayout()) -> dict[Path, TensorMap]:
+    """Flax path -> HF tensor for `transformers.BertModel` (see `bert.py` for the Flax layouts)."""
+    transpose = (1, 0)
+    p = layout.prefix
+    scale, bias = layout.norm_names
+
+    def norm(flax_prefix: Path, hf_prefix: str) -> dict[Path, TensorMap]:
+        return {
+            (*flax_prefix, "scale"): TensorMap(f"{hf_prefix}.LayerNorm.{scale}"),
+            (*flax_prefix, "bias"): TensorMap(f"{hf_prefix}.LayerNorm.{bias}"),
+        }
+
+    maps = {
+        ("embeddings", table, "embedding"): TensorMap(f"{p}embeddings.{table}.weight")
+        for table in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    }
+    maps.update(norm(("embeddings", "layer_norm"), f"{p}embeddings"))
+    for i in range(config.num_hidden_layers):
+        flax_layer, hf_layer = f"layer_{i}", f"{p}encoder.layer.{i}"
+        for proj in ("query", "key", "value"):
+            hf = f"{hf_layer}.attention.self.{proj}"
+            maps[(flax_layer, "attention", proj, "kernel")] = TensorMap(f"{hf}.weight", transpose, (1, 2))
+            maps[(flax_layer, "attention", proj, "bias")] = TensorMap(f"{hf}.bias", (), (2,))
+        hf = f"{hf_layer}.attention.output"
+        maps[(flax_layer, "attention", "output", "kernel")] = TensorMap(f"{hf}.dense.weight", transpose, (2, 1))
+        maps[(flax_layer, "attention", "output", "bias")] = TensorMap(f"{hf}.dense.bias")
+        maps.update(norm((flax_layer, "attention_norm"), hf))
+        for flax_name, hf_name in (("intermediate", "intermediate"), ("output", "output")):
+            maps[(flax_layer, flax_name, "kernel")] = TensorMap(f"{hf_layer}.{hf_name}.dense.weight", transpose)
+            maps[(flax_layer, flax_name, "bias")] = TensorMap(f"{hf_layer}.{hf_name}.dense.bias")
+        maps.update(norm((flax_layer, "output_norm"), f"{hf_layer}.output"))
+    return maps
+
+
+def bert_param_shapes(config: bert.BertConfig) -> dict[Path, tuple[int, ...]]:
+    """Flax param shapes by path, from an abstract init (no memory)."""
+    abstract = jax.eval_shape(functools.partial(bert.init_params, config), jax.random.key(0))
+    return {path: tuple(x.shape) for path, x in _flat(nn.unbox(abstract)).items()}
+
+
+def _bert_ignored(layout: BertLayout) -> Callable[[str], bool]:
+    """Tensors the encoder does not use: the pooler, buffers, and task heads outside the `bert.` prefix."""
+
+    def ignore(name: str) -> bool:
+        if not name.startswith(layout.prefix):
+            return True  # e.g. `cls.predictions.*` next to `bert.*`
+        return name.startswith(f"{layout.prefix}pooler.") or name.endswith(("position_ids", "token_type_ids"))
+
+    return ignore
+
+
+def read_bert_config(hf_dir: str, **overrides: Any) -> bert.BertConfig:
+    """`BertConfig` from `hf_dir/config.json`; `overrides` set JAX-side fields (dtype, param_dtype)."""
+    return bert.BertConfig.from_hf_dict(_read_json(os.path.join(hf_dir, CONFIG_FILE)), **overrides)
+
+
+def load_bert(
+    hf_dir: str, *, dtype: Any = None, shardings: Any = None, **config_overrides: Any
+) -> tuple[bert.BertConfig, dict[str, Any]]:
+    """Reads a HF BERT checkpoint directory (config.json + safetensors, no torch) into Flax params.
+
+    Works for `BertModel` dirs (all-MiniLM-L6-v2 from `bert.minilm_dir()`, E5, BGE from a local path) and for
+    `bert.`-prefixed ones (`BertForMaskedLM`, ...); the pooler and task heads are ignored.
+
+    Args:
+      hf_dir: directory with `config.json` and `model.safetensors` or shards + `model.safetensors.index.json`.
+      dtype: dtype of the loaded params (default: the checkpoint's `torch_dtype`, else float32); becomes
+        `param_dtype`.
+      shardings: optional tree of `jax.sharding.Sharding` matching the params, e.g.
+        `sharding.logical_shardings(jax.eval_shape(functools.partial(bert.init_params, config), rng), mesh)`.
+      **config_overrides: JAX-side `BertConfig` fields, e.g. `dtype=jnp.bfloat16` (activations).
+    Returns:
+      `(config, params)`, params the `"params"` collection of `bert.BertEncoder` (plain nested dict).
+    Raises:
+      ValueError naming each missing, wrongly-shaped or unexpected tensor.
+    """
+    hf_config = _read_json(os.path.join(hf_dir, CONFIG_FILE))
+    dtype = jnp.dtype(dtype or _dtype_from_hf(hf_config))
+    config = bert.BertConfig.from_hf_dict(hf_config, **{"param_dtype": dtype, **config_overrides})
+    shapes = bert_param_shapes(config)
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = _flat(shardings)
+        _check_same_paths("shardings", flat_shardings, shapes)
+    with SafetensorsDir(hf_dir) as reader:
+        layout = detect_bert_layout(reader.names(), hf_dir)
+        maps = bert_tensor_maps(config, layout)
+        _check_same_paths("bert_tensor_maps", maps, shapes)
+        check_tensors(reader, maps, shapes, ignore=_bert_ignored(layout))
+        flat = read_tensors(reader, maps, shapes, dtype, flat_shardings)
+    return config, traverse_util.unflatten_dict(flat)
+
+
+def save_bert(
+    hf_dir: str,
+    config: bert.BertConfig,
+    params: Any,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes `params` as a HF `BertModel` checkpoint (bare keys, no pooler); process 0 writes.
+
+    The result loads with `transformers.BertModel.from_pretrained(hf_dir, add_pooling_layer=False)`.
+    """
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    flat = _flat(nn.unbox(params))
+    maps, shapes = bert_tensor_maps(config), bert_param_shapes(config)
+    _check_same_paths("params", flat, shapes)
+    for path, shape in shapes.items():
+        if tuple(flat[path].shape) != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
+    tensors = {
+        m.hf_name: (m.hf_shape(shapes[path]), functools.partial(lambda m, x: m.to_hf(_to_host(x)), m, flat[path]))
+        for path, m in maps.items()
+    }
+    if jax.process_index() == 0:
+        os.makedirs(hf_dir, exist_ok=True)
+        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
+            json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
+    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)
+
+
+def read_sentence_pipeline(hf_dir: str) -> dict[str, Any]:
+    """Pooling settings of a sentence-transformers dir: `{"pooling", "normalize", "max_length"}`.
+
+    Reads `modules.json` (a `Normalize` module -> normalize=True), the Pooling module's `config.json`
+    (mean or CLS) and `sentence_bert_config.json` (`max_seq_length`). Without `modules.json` (a plain
+    `BertModel` dir) returns mean pooling, no normalisation, max_length None (the caller decides).
+    """
+    modules_path = os.path.join(hf_dir, SENTENCE_MODULES_FILE)
+    out: dict[str, Any] = {"pooling": "mean", "normalize": False, "max_length": None}
+    if not os.path.exists(modules_path):
+        return out
+    for module in _read_json(modules_path):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind == "Normalize":
+            out["normalize"] = True
+        elif kind == "Pooling":
+            pooling = _read_json(os.path.join(hf_dir, module.get("path", ""), CONFIG_FILE))
+            enabled = [k.removeprefix("pooling_mode_") for k, on in pooling.items() if on and k.startswith("pooling_")]
+            if enabled not in (["mean_tokens"], ["cls_token"]):
+                raise ValueError(f"{hf_dir}: unsupported pooling {enabled} (only one of mean_tokens / cls_token)")
+            out["pooling"] = {"cls_token": "cls", "mean_tokens": "mean"}[enabled[0]]
+        elif kind not in ("Transformer", ""):
+            raise ValueError(f"{modules_path}: sentence-transformers module {module.get('type')!r} is not supported")
+    st_config = os.path.join(hf_dir, "sentence_bert_config.json")
+    if os.path.exists(st_config):
+        out["max_length"] = _read_json(st_config).get("max_seq_length")
+    return out

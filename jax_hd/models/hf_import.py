@@ -499,7 +499,12 @@ def read_bert_config(hf_dir: str, **overrides: Any) -> bert.BertConfig:
 
 
 def load_bert(
-    hf_dir: str, *, dtype: Any = None, shardings: Any = None, **config_overrides: Any
+    hf_dir: str,
+    *,
+    dtype: Any = None,
+    activation_dtype: Any = None,
+    shardings: Any = None,
+    **config_overrides: Any,
 ) -> tuple[bert.BertConfig, dict[str, Any]]:
     """Reads a HF BERT checkpoint directory (config.json + safetensors, no torch) into Flax params.
 
@@ -510,9 +515,10 @@ def load_bert(
       hf_dir: directory with `config.json` and `model.safetensors` or shards + `model.safetensors.index.json`.
       dtype: dtype of the loaded params (default: the checkpoint's `torch_dtype`, else float32); becomes
         `param_dtype`.
+      activation_dtype: `BertConfig.dtype` (default float32).
       shardings: optional tree of `jax.sharding.Sharding` matching the params, e.g.
         `sharding.logical_shardings(jax.eval_shape(functools.partial(bert.init_params, config), rng), mesh)`.
-      **config_overrides: JAX-side `BertConfig` fields, e.g. `dtype=jnp.bfloat16` (activations).
+      **config_overrides: other `BertConfig` fields.
     Returns:
       `(config, params)`, params the `"params"` collection of `bert.BertEncoder` (plain nested dict).
     Raises:
@@ -520,6 +526,8 @@ def load_bert(
     """
     hf_config = _read_json(os.path.join(hf_dir, CONFIG_FILE))
     dtype = jnp.dtype(dtype or _dtype_from_hf(hf_config))
+    if activation_dtype is not None:
+        config_overrides["dtype"] = activation_dtype
     config = bert.BertConfig.from_hf_dict(hf_config, **{"param_dtype": dtype, **config_overrides})
     shapes = bert_param_shapes(config)
     flat_shardings = None

@@ -1286,8 +1286,9 @@ def _apply_edit(graph: _Graph, edit: _Edit) -> _Graph:
 
 def _sample_query(draws: _Draws, split: str, num_distractors: int) -> tuple[_Graph, _Edit, _Graph, list[_Graph], int]:
     """(reference, edit, target, distractors, paraphrase), all graphs in `split`. Distractors are distinct one-edit
-    neighbours of the target, other than the reference. The kind is drawn once, so rejections do not skew the mix
-    of kinds towards the easily accepted ones."""
+    neighbours of the reference other than the target: as close to the reference as the target is, so only the
+    modification text tells them apart (an image-only model cannot). The kind is drawn once, so rejections do not
+    skew the mix of kinds towards the easily accepted ones."""
     kind = draws.pick(MODIFICATION_KINDS)
     while True:
         reference = _sample_graph(draws, *_object_range(kind))
@@ -1304,11 +1305,12 @@ def _sample_query(draws: _Draws, split: str, num_distractors: int) -> tuple[_Gra
         for _ in range(50 * num_distractors):
             if len(distractors) == num_distractors:
                 break
-            neighbour_edit = _sample_edit(target, draws.pick(MODIFICATION_KINDS), draws)
+            neighbour_edit = _sample_edit(reference, draws.pick(MODIFICATION_KINDS), draws)
             if neighbour_edit is None:
                 continue
-            neighbour = _apply_edit(target, neighbour_edit)
-            if neighbour != reference and neighbour not in distractors and _graph_split(neighbour) == split:
+            neighbour = _apply_edit(reference, neighbour_edit)
+            fresh = neighbour not in (reference, target) and neighbour not in distractors
+            if fresh and _graph_split(neighbour) == split:
                 distractors.append(neighbour)
         if len(distractors) == num_distractors:
             return reference, edit, target, distractors, draws.below(NUM_PARAPHRASES)
@@ -1393,7 +1395,8 @@ def embedded_css(
     Splits: `train`, `val`, `test`. A scene graph belongs to one split only (`scene_split`), so no image - by id or
     by content - is shared across splits, and equal graphs within a split share one id. Each split's gallery is every
     image of the split. Val/test queries carry CIRR-style groups: `subset_size` members = reference + target +
-    `subset_size - 2` one-edit neighbours of the target (the CIRR format: R_subset drops the reference). Train
+    `subset_size - 2` other one-edit neighbours of the reference (the CIRR format: R_subset drops the reference);
+    they are also in the gallery, so the nearest images to a reference are its edits and the text must pick one. Train
     triplets have no groups.
 
     Args:

@@ -518,10 +518,9 @@ def test_css_subsets_are_cirr_like(css):
             assert t.reference_id in t.subset_ids and t.target_id in t.subset_ids
             assert len(t.subset_candidates) == 5 and set(t.subset_ids) <= gallery
             positions.add(t.subset_ids.index(t.target_id))
-            target = split.scenes[t.target_id]
+            reference = split.scenes[t.reference_id]
             for member in t.subset_candidates:
-                if member != t.target_id:
-                    cir.scene_diff(target, split.scenes[member])  # a one-edit neighbour of the target
+                cir.scene_diff(reference, split.scenes[member])  # target and distractors: one edit from the reference
         assert len(positions) == 6  # the target's position in the group varies
 
 

@@ -104,14 +104,25 @@ EMBEDDED_MULTI_HOP_SOURCE = "wikiqa_multihop"
 EMBEDDED_SOURCES: tuple[str, ...] = (EMBEDDED_SINGLE_HOP_SOURCE, EMBEDDED_MULTI_HOP_SOURCE)
 """The `data_source` values of the embedded world's questions (1-hop and 2-hop)."""
 
-SEARCH_R1_STYLE_TEMPLATE = (
-    "Answer the given question. Reason inside <think> and </think> every time you receive new information. "
-    "If you lack some knowledge, call a search engine with <search> query </search>; the top results come back "
-    "between <information> and </information>. You may search as many times as you want. When you need no "
-    "more information, give the final answer inside <answer> and </answer> without explanation, for example "
-    "<answer> Beijing </answer>. Question: {question}\n"
-)
-"""Default user-message template of the processed layout: Search-R1's structure (spec 5.1), in our words."""
+# The agent's instruction, in our own words, following the structure of the two reference templates (spec 5.1):
+# Search-R1 (`<information>` blocks) and AutoRefine (`<documents>` blocks and a `<refine>` step after each search).
+PROMPT_TEMPLATES = {
+    "search_r1": (
+        "Answer the given question. Reason inside <think> and </think> every time you get new information. "
+        "If you lack some knowledge, call a search engine with <search> query </search>; it returns the top "
+        "results between <information> and </information>. You can search as many times as you want. When you "
+        "have enough information, give the final answer inside <answer> and </answer> without further "
+        "explanation, for example <answer> Beijing </answer>. Question: {question}\n"
+    ),
+    "autorefine": (
+        "You are a helpful assistant who answers questions by calling a search engine over several turns. "
+        "Reason inside <think> and </think>. To search, write <search> query </search>; the system returns the "
+        "three most relevant documents between <documents> and </documents>. After each search, summarise and "
+        "refine the useful information from the documents inside <refine> and </refine>. You can search several "
+        "times. Give a concise final answer inside <answer> and </answer>, for example <answer> Beijing </answer>. "
+        "Question: {question}\n"
+    ),
+}
 
 _QUESTION_MARKER = "Question:"
 
@@ -462,16 +473,17 @@ def load_search_r1_test_sets(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def search_r1_prompt(question: str, template: str = SEARCH_R1_STYLE_TEMPLATE) -> str:
-    """The user message for `question`, preprocessed as Search-R1 does (strip; append `?` if missing)."""
+def make_prompt(question: str, dialect: str = "search_r1") -> str:
+    """The user message for `question` in `dialect`, the question preprocessed as Search-R1 does (strip; append `?`
+    if missing)."""
     question = question.strip()
     if not question.endswith("?"):
         question += "?"
-    return template.format(question=question)
+    return PROMPT_TEMPLATES[dialect].format(question=question)
 
 
 def processed_row(
-    example: QAExample, index: int, make_prompt: Callable[[str], str] = search_r1_prompt
+    example: QAExample, index: int, make_prompt: Callable[[str], str] = make_prompt
 ) -> dict[str, Any]:
     """`example` as one processed-layout (Search-R1 RL parquet) row; `index` goes to `extra_info.index`."""
     return {
@@ -540,7 +552,7 @@ def _processed_schema() -> Any:
 def write_processed_parquet(
     examples: Sequence[QAExample],
     path: str | os.PathLike[str],
-    make_prompt: Callable[[str], str] = search_r1_prompt,
+    make_prompt: Callable[[str], str] = make_prompt,
 ) -> None:
     """Writes `examples` as a Search-R1 processed parquet; `extra_info.index` counts within each data source."""
     import pyarrow as pa
@@ -1363,7 +1375,7 @@ def world_fingerprint(world: QAWorld) -> str:
 
 
 def write_search_r1_layout(
-    world: QAWorld, out_dir: str | os.PathLike[str], make_prompt: Callable[[str], str] = search_r1_prompt
+    world: QAWorld, out_dir: str | os.PathLike[str], make_prompt: Callable[[str], str] = make_prompt
 ) -> dict[str, Path]:
     """Writes `world` as the layout the readers read; returns the written paths by name.
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from jax_hd.data.qa import PROMPT_TEMPLATES, make_prompt
 from jax_hd.decoding import sampling
 from jax_hd.retrieval import Passage
 from jax_hd.retrieval.client import SearchClient, format_observation
@@ -38,24 +39,6 @@ INVALID_ACTION_HINT = (
     "Let me try again.\n"
 )
 
-# Our own wording of the two reference templates' structure (spec 5.1).
-PROMPT_TEMPLATES = {
-    "search_r1": (
-        "Answer the given question. Reason inside <think> and </think> every time you get new information. "
-        "If you lack some knowledge, call a search engine with <search> query </search>; it returns the top "
-        "results between <information> and </information>. You can search as many times as you want. When you "
-        "have enough information, give the final answer inside <answer> and </answer> without further "
-        "explanation, for example <answer> Beijing </answer>. Question: {question}\n"
-    ),
-    "autorefine": (
-        "You are a helpful assistant who answers questions by calling a search engine over several turns. "
-        "Reason inside <think> and </think>. To search, write <search> query </search>; the system returns the "
-        "three most relevant documents between <documents> and </documents>. After each search, summarise and "
-        "refine the useful information from the documents inside <refine> and </refine>. You can search several "
-        "times. Give a concise final answer inside <answer> and </answer>, for example <answer> Beijing </answer>. "
-        "Question: {question}\n"
-    ),
-}
 OBSERVATION_TAGS = {"search_r1": "information", "autorefine": "documents"}
 
 
@@ -125,14 +108,6 @@ class Trajectory:
         self.response_ids.extend(int(i) for i in ids)
         self.policy_mask.extend([by_policy] * len(ids))
         return start, len(self.response_ids)
-
-
-def make_prompt(question: str, dialect: str) -> str:
-    """The instruction + question text (stripped, with a final '?' added when missing)."""
-    question = question.strip()
-    if not question.endswith("?"):
-        question += "?"
-    return PROMPT_TEMPLATES[dialect].format(question=question)
 
 
 def encode_prompt(tokenizer: Any, question: str, dialect: str, use_chat_template: bool = True) -> list[int]:
@@ -268,7 +243,8 @@ def pack_trajectories(
 
     Returns prompt_tokens/prompt_mask `[batch, prompt_len]`, response_tokens/response_mask/loss_mask/
     query_token_mask `[batch, response_len]` (loss_mask: policy tokens; query_token_mask: tokens of search
-    queries; both boolean and always False on padding).
+    queries; both boolean and always False on padding) and query_step_index `[batch, response_len]` int32 (the
+    index into `trajectory.steps` of each query token, -1 elsewhere; what `grpo.token_advantages` takes).
     """
     batch = len(trajectories)
     out = {
@@ -278,6 +254,7 @@ def pack_trajectories(
         "response_mask": np.zeros((batch, response_len), bool),
         "loss_mask": np.zeros((batch, response_len), bool),
         "query_token_mask": np.zeros((batch, response_len), bool),
+        "query_step_index": np.full((batch, response_len), -1, np.int32),
     }
     for b, t in enumerate(trajectories):
         if len(t.prompt_ids) > prompt_len or len(t.response_ids) > response_len:
@@ -289,8 +266,9 @@ def pack_trajectories(
         out["response_tokens"][b, :n] = t.response_ids
         out["response_mask"][b, :n] = True
         out["loss_mask"][b, :n] = t.policy_mask
-        for step in t.steps:
+        for index, step in enumerate(t.steps):
             out["query_token_mask"][b, step.query_span[0]:step.query_span[1]] = True
+            out["query_step_index"][b, step.query_span[0]:step.query_span[1]] = index
     return out
 
 

@@ -225,7 +225,7 @@ def test_load_test_sets_merged_file_and_per_dataset_dirs(tmp_path):
 def test_question_from_prompt_and_prompt_preprocessing():
     assert qa.question_from_prompt("Blah. Question: Who? Question: who wrote it?\n") == "who wrote it?"
     assert qa.question_from_prompt("  no marker  ") == "no marker"
-    assert qa.search_r1_prompt("  who wrote it ").endswith("Question: who wrote it?\n")
+    assert qa.make_prompt("  who wrote it ").endswith("Question: who wrote it?\n")
 
 
 def test_split_sentences_keeps_initials_and_abbreviations():

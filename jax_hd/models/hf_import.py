@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from jax_hd.models import bert, qwen2
+from jax_hd.models import bert, qformer, qwen2, vit
 
 Path = tuple[str, ...]  # a Flax leaf's key path, e.g. ("layers_0", "self_attn", "q_proj", "kernel")
 Index = tuple[slice, ...]
@@ -600,3 +600,396 @@ def read_sentence_pipeline(hf_dir: str) -> dict[str, Any]:
     if os.path.exists(st_config):
         out["max_length"] = _read_json(st_config).get("max_seq_length")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BLIP-2: vision transformer (`vit.py`) and Q-Former (`qformer.py`).
+#
+# Sources are HF `Blip2ForImageTextRetrieval` / `Blip2Model` / `Blip2ForConditionalGeneration` checkpoints
+# (`vision_model.*`, `query_tokens`, `qformer.*`, and, with the Q-Former's text branch, `embeddings.*`), a
+# directory or an in-memory `{name: array}` state dict. Saving writes the `Blip2ForImageTextRetrieval` layout
+# (`Salesforce/blip2-itm-vit-g`'s), which has no language model.
+
+Blip2Source = str | os.PathLike | Mapping[str, Any]
+BLIP2_VISION_PREFIX = "vision_model."
+BLIP2_QFORMER_PREFIX = "qformer."
+BLIP2_QUERY_TOKENS = "query_tokens"
+BLIP2_TEXT_EMBEDDINGS_PREFIX = "embeddings."
+BLIP2_HEADS = ("vision_projection", "text_projection", "itm_head", "language_projection")
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeadingOnesMap(TensorMap):
+    """A `TensorMap` whose HF tensor has `ones` extra leading size-1 axes (`query_tokens` `[1, Q, H]` -> `[Q, H]`)."""
+
+    ones: int = 1
+
+    def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (1,) * self.ones + super().hf_shape(flax_shape)
+
+    def to_flax(self, hf: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+        return super().to_flax(hf.reshape(hf.shape[self.ones :]), flax_shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        hf = super().to_hf(x)
+        return hf.reshape((1,) * self.ones + hf.shape)
+
+    def read(self, hf_slice: Any, flax_shape: tuple[int, ...], index: Index) -> np.ndarray:
+        ones = self.ones
+
+        class Squeezed:
+            def __getitem__(self, hf_index: Index) -> np.ndarray:
+                x = hf_slice[(slice(0, 1),) * ones + tuple(hf_index)]
+                return x.reshape(x.shape[ones:])
+
+        return super().read(Squeezed(), flax_shape, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkMap(TensorMap):
+    """Chunk `index` of `num` equal chunks of an HF vector: the q or v third of a ViT `qkv.bias`.
+
+    `to_hf` gives the whole vector with zeros outside the chunk; the HF tensor is the sum over its chunks
+    (the k third of `qkv.bias` is written as zeros; see `vit.Attention` for why it can be dropped).
+    """
+
+    index: int = 0
+    num: int = 1
+
+    def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.num * math.prod(flax_shape),)
+
+    def to_flax(self, hf: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+        return np.split(hf, self.num)[self.index].reshape(flax_shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        out = np.zeros((self.num, x.size), x.dtype)
+        out[self.index] = x.reshape(-1)
+        return out.reshape(-1)
+
+    def read(self, hf_slice: Any, flax_shape: tuple[int, ...], index: Index) -> np.ndarray:
+        return self.to_flax(hf_slice[:], flax_shape)[index]  # a bias vector: read whole
+
+
+class _StateDictReader(contextlib.AbstractContextManager):
+    """`SafetensorsDir`'s read interface over an in-memory `{hf_name: array}` state dict."""
+
+    hf_dir = "<state dict>"
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        self._tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._tensors[name]))
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self._tensors[name])
+
+    def get_slice(self, name: str) -> np.ndarray:
+        return self.get(name)
+
+    def close(self) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _blip2_reader(source: Blip2Source) -> SafetensorsDir | _StateDictReader:
+    return _StateDictReader(source) if isinstance(source, Mapping) else SafetensorsDir(os.fspath(source))
+
+
+def _blip2_linear(flax_path: Path, hf_name: str, out_groups: int = 1, in_groups: int = 1) -> dict[Path, TensorMap]:
+    """A torch `nn.Linear` `weight [out, in]` / `bias [out]` as a Flax kernel `[*in, *out]` / bias `[*out]`."""
+    return {
+        (*flax_path, "kernel"): TensorMap(f"{hf_name}.weight", (1, 0), (in_groups, out_groups)),
+        (*flax_path, "bias"): TensorMap(f"{hf_name}.bias", (), (out_groups,)),
+    }
+
+
+def _blip2_layer_norm(flax_path: Path, hf_name: str) -> dict[Path, TensorMap]:
+    return {(*flax_path, "scale"): TensorMap(f"{hf_name}.weight"), (*flax_path, "bias"): TensorMap(f"{hf_name}.bias")}
+
+
+def blip2_vision_tensor_maps(config: vit.ViTConfig, prefix: str = BLIP2_VISION_PREFIX) -> dict[Path, TensorMap]:
+    """Flax path -> HF tensor for `Blip2VisionModel` under `prefix` (see `vit.py` for the Flax layouts)."""
+    emb = f"{prefix}embeddings"
+    maps: dict[Path, TensorMap] = {
+        ("embeddings", "patch_embedding", "kernel"): TensorMap(f"{emb}.patch_embedding.weight", (2, 3, 1, 0)),
+        ("embeddings", "patch_embedding", "bias"): TensorMap(f"{emb}.patch_embedding.bias"),
+        ("embeddings", "class_embedding"): _LeadingOnesMap(f"{emb}.class_embedding", ones=2),
+        ("embeddings", "position_embedding"): _LeadingOnesMap(f"{emb}.position_embedding", ones=1),
+    }
+    for i in range(config.num_hidden_layers):
+        flax_layer, hf_layer = f"layers_{i}", f"{prefix}encoder.layers.{i}"
+        attn = f"{hf_layer}.self_attn"
+        maps[(flax_layer, "self_attn", "qkv", "kernel")] = TensorMap(f"{attn}.qkv.weight", (1, 0), (1, 3))
+        if config.qkv_bias:
+            maps[(flax_layer, "self_attn", "q_bias")] = _ChunkMap(f"{attn}.qkv.bias", index=0, num=3)
+            maps[(flax_layer, "self_attn", "v_bias")] = _ChunkMap(f"{attn}.qkv.bias", index=2, num=3)
+        maps |= _blip2_linear((flax_layer, "self_attn", "projection"), f"{attn}.projection", in_groups=2)
+        maps |= _blip2_linear((flax_layer, "mlp", "fc1"), f"{hf_layer}.mlp.fc1")
+        maps |= _blip2_linear((flax_layer, "mlp", "fc2"), f"{hf_layer}.mlp.fc2")
+        for norm in ("layer_norm1", "layer_norm2"):
+            maps |= _blip2_layer_norm((flax_layer, norm), f"{hf_layer}.{norm}")
+    maps |= _blip2_layer_norm(("post_layernorm",), f"{prefix}post_layernorm")
+    return maps
+
+
+def blip2_qformer_tensor_maps(
+    config: qformer.QFormerConfig,
+    prefix: str = BLIP2_QFORMER_PREFIX,
+    query_tokens_name: str = BLIP2_QUERY_TOKENS,
+    embeddings_prefix: str = BLIP2_TEXT_EMBEDDINGS_PREFIX,
+) -> dict[Path, TensorMap]:
+    """Flax path -> HF tensor for `Blip2QFormerModel` under `prefix`, the `query_tokens` and (with
+    `use_qformer_text_input`) the `Blip2TextEmbeddings` under `embeddings_prefix` (see `qformer.py`)."""
+    maps: dict[Path, TensorMap] = {("query_tokens",): _LeadingOnesMap(query_tokens_name, ones=1)}
+    maps |= _blip2_layer_norm(("layernorm",), f"{prefix}layernorm")
+    if config.use_qformer_text_input:
+        for table in ("word_embeddings", "position_embeddings"):
+            maps[("embeddings", table, "embedding")] = TensorMap(f"{embeddings_prefix}{table}.weight")
+    for i in range(config.num_hidden_layers):
+        flax_layer, hf_layer = f"layer_{i}", f"{prefix}encoder.layer.{i}"
+        attentions = ["attention"] + (["crossattention"] if config.has_cross_attention(i) else [])
+        for attn in attentions:
+            for proj in ("query", "key", "value"):
+                maps |= _blip2_linear((flax_layer, attn, proj), f"{hf_layer}.{attn}.attention.{proj}", out_groups=2)
+            maps |= _blip2_linear((flax_layer, attn, "output"), f"{hf_layer}.{attn}.output.dense", in_groups=2)
+            maps |= _blip2_layer_norm((flax_layer, attn, "layer_norm"), f"{hf_layer}.{attn}.output.LayerNorm")
+        ffns = [("feed_forward_query", "_query")] + ([("feed_forward", "")] if config.use_qformer_text_input else [])
+        for flax_ffn, suffix in ffns:
+            maps |= _blip2_linear((flax_layer, flax_ffn, "intermediate"), f"{hf_layer}.intermediate{suffix}.dense")
+            maps |= _blip2_linear((flax_layer, flax_ffn, "output"), f"{hf_layer}.output{suffix}.dense")
+            maps |= _blip2_layer_norm((flax_layer, flax_ffn, "layer_norm"), f"{hf_layer}.output{suffix}.LayerNorm")
+    return maps
+
+
+def _blip2_param_shapes(init_fn: Callable[[jax.Array], Any]) -> dict[Path, tuple[int, ...]]:
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    return {path: tuple(x.shape) for path, x in _flat(nn.unbox(abstract)).items()}
+
+
+def blip2_vision_param_shapes(config: vit.ViTConfig) -> dict[Path, tuple[int, ...]]:
+    """Flax param shapes of `vit.VisionTransformer` by path, from an abstract init (no memory)."""
+    return _blip2_param_shapes(functools.partial(vit.init_params, config))
+
+
+def blip2_qformer_param_shapes(config: qformer.QFormerConfig) -> dict[Path, tuple[int, ...]]:
+    """Flax param shapes of `qformer.QFormer` by path, from an abstract init (no memory)."""
+    return _blip2_param_shapes(functools.partial(qformer.init_params, config))
+
+
+def _blip2_config(
+    cls: Any, source: Blip2Source, config: Any, dtype: Any, overrides: Mapping[str, Any]
+) -> tuple[Any, Any]:
+    """`(config, param dtype)`: `config` (or the one in `source`/config.json) with `param_dtype=dtype`."""
+    if config is None:
+        if isinstance(source, Mapping):
+            raise ValueError(f"loading a {cls.__name__} from a state dict needs `config`")
+        hf_config = _read_json(os.path.join(os.fspath(source), CONFIG_FILE))
+        dtype = jnp.dtype(dtype or _dtype_from_hf(hf_config))
+        return cls.from_hf_dict(hf_config, **{"param_dtype": dtype, **overrides}), dtype
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    return dataclasses.replace(config, **{"param_dtype": dtype, **overrides}), dtype
+
+
+def _load_blip2_part(
+    source: Blip2Source,
+    maps: Mapping[Path, TensorMap],
+    shapes: Mapping[Path, tuple[int, ...]],
+    prefixes: tuple[str, ...],
+    dtype: Any,
+    shardings: Any,
+) -> dict[str, Any]:
+    """Reads the tensors of `maps` (others outside `prefixes` are ignored) into a nested Flax params dict."""
+    _check_same_paths("tensor maps", maps, shapes)
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = _flat(shardings)
+        _check_same_paths("shardings", flat_shardings, shapes)
+    with _blip2_reader(source) as reader:
+        check_tensors(reader, maps, shapes, ignore=lambda name: not name.startswith(prefixes))
+        flat = read_tensors(reader, maps, shapes, dtype, flat_shardings)
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_blip2_vision(
+    source: Blip2Source,
+    *,
+    config: vit.ViTConfig | None = None,
+    prefix: str = BLIP2_VISION_PREFIX,
+    dtype: Any = None,
+    shardings: Any = None,
+    **config_overrides: Any,
+) -> tuple[vit.ViTConfig, dict[str, Any]]:
+    """Reads BLIP-2's vision transformer from a HF checkpoint into `vit.VisionTransformer` params.
+
+    Args:
+      source: a HF directory (config.json + safetensors, e.g. `Salesforce/blip2-itm-vit-g`) or a
+        `{hf_name: array}` state dict (then `config` is required).
+      config: the model config (default: from `source/config.json`, `vision_config` of a `Blip2Config`).
+      prefix: HF name prefix of the vision model (`""` for a saved `Blip2VisionModel` alone).
+      dtype: dtype of the loaded params (default: the checkpoint's, or `config.param_dtype`); becomes `param_dtype`.
+      shardings: optional tree of `jax.sharding.Sharding` matching the params (see `load_qwen2`).
+      **config_overrides: JAX-side `ViTConfig` fields, e.g. `dtype=jnp.bfloat16`, `frozen=True`.
+    Returns:
+      `(config, params)`, params the `"params"` collection (plain nested dict).
+    Raises:
+      ValueError naming each missing, wrongly-shaped or unexpected tensor under `prefix` (others are ignored).
+    """
+    config, dtype = _blip2_config(vit.ViTConfig, source, config, dtype, config_overrides)
+    maps, shapes = blip2_vision_tensor_maps(config, prefix), blip2_vision_param_shapes(config)
+    return config, _load_blip2_part(source, maps, shapes, (prefix,), dtype, shardings)
+
+
+def load_blip2_qformer(
+    source: Blip2Source,
+    *,
+    config: qformer.QFormerConfig | None = None,
+    prefix: str = BLIP2_QFORMER_PREFIX,
+    query_tokens_name: str = BLIP2_QUERY_TOKENS,
+    embeddings_prefix: str = BLIP2_TEXT_EMBEDDINGS_PREFIX,
+    dtype: Any = None,
+    shardings: Any = None,
+    **config_overrides: Any,
+) -> tuple[qformer.QFormerConfig, dict[str, Any]]:
+    """Reads BLIP-2's Q-Former, its `query_tokens` and (with `use_qformer_text_input`) its text embeddings
+    from a HF checkpoint into `qformer.QFormer` params. Arguments as `load_blip2_vision`; the config comes
+    from `qformer_config` + `num_query_tokens` of a `Blip2Config`.
+
+    Raises:
+      ValueError naming each missing, wrongly-shaped or unexpected tensor under the Q-Former's names (e.g.
+      text-branch tensors when the config has `use_qformer_text_input=False`).
+    """
+    config, dtype = _blip2_config(qformer.QFormerConfig, source, config, dtype, config_overrides)
+    maps = blip2_qformer_tensor_maps(config, prefix, query_tokens_name, embeddings_prefix)
+    prefixes = (prefix, query_tokens_name, embeddings_prefix)
+    return config, _load_blip2_part(source, maps, blip2_qformer_param_shapes(config), prefixes, dtype, shardings)
+
+
+def load_blip2_heads(source: Blip2Source, names: tuple[str, ...] = BLIP2_HEADS) -> dict[str, dict[str, np.ndarray]]:
+    """The linear heads present in `source` as Flax `nn.Dense` params: `{"itm_head": {"kernel": [in, out],
+    "bias": [out]}, ...}` among `vision_projection`, `text_projection`, `itm_head`, `language_projection`."""
+    heads = {}
+    with _blip2_reader(source) as reader:
+        present = set(reader.names())
+        for name in names:
+            maps = _blip2_linear((name,), name)
+            if all(m.hf_name in present for m in maps.values()):
+                heads[name] = {
+                    path[-1]: m.to_flax(reader.get(m.hf_name), reader.shape(m.hf_name)[::-1])
+                    for path, m in maps.items()
+                }
+    return heads
+
+
+def _blip2_hf_tensors(
+    vision_config: vit.ViTConfig,
+    vision_params: Any,
+    qformer_config: qformer.QFormerConfig,
+    qformer_params: Any,
+    heads: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    """`{hf_name: (shape, fetch)}` of a `Blip2ForImageTextRetrieval` checkpoint (see `write_safetensors`)."""
+    parts = [
+        (blip2_vision_tensor_maps(vision_config), blip2_vision_param_shapes(vision_config), vision_params),
+        (blip2_qformer_tensor_maps(qformer_config), blip2_qformer_param_shapes(qformer_config), qformer_params),
+    ]
+    for name, params in (heads or {}).items():
+        head = {name: {f: np.asarray(params[f]) for f in ("kernel", "bias")}}
+        parts.append((_blip2_linear((name,), name), {path: x.shape for path, x in _flat(head).items()}, head))
+    pieces: dict[str, list[tuple[TensorMap, Any]]] = {}
+    hf_shapes: dict[str, tuple[int, ...]] = {}
+    for maps, shapes, params in parts:
+        flat = _flat(nn.unbox(params))
+        _check_same_paths("params", flat, shapes)
+        for path, shape in shapes.items():
+            if tuple(flat[path].shape) != shape:
+                raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
+            m = maps[path]
+            pieces.setdefault(m.hf_name, []).append((m, flat[path]))
+            hf_shapes[m.hf_name] = m.hf_shape(shape)
+
+    def fetch(name: str) -> np.ndarray:  # a sum: `qkv.bias` is assembled from its q and v chunks
+        return functools.reduce(np.add, (m.to_hf(_to_host(x)) for m, x in pieces[name]))
+
+    return {name: (hf_shapes[name], functools.partial(fetch, name)) for name in sorted(pieces)}
+
+
+def blip2_state_dict(
+    vision_config: vit.ViTConfig,
+    vision_params: Any,
+    qformer_config: qformer.QFormerConfig,
+    qformer_params: Any,
+    heads: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, np.ndarray]:
+    """The HF `Blip2ForImageTextRetrieval` state dict (numpy, on this host) of our params.
+
+    `heads`: optional `{"vision_projection" | "text_projection" | "itm_head": {"kernel", "bias"}}` (Flax
+    `nn.Dense` layouts, as `load_blip2_heads` returns). The ViT's k bias is written as zeros.
+    """
+    tensors = _blip2_hf_tensors(vision_config, vision_params, qformer_config, qformer_params, heads)
+    return {name: fetch() for name, (_, fetch) in tensors.items()}
+
+
+def blip2_hf_config(
+    vision_config: vit.ViTConfig,
+    qformer_config: qformer.QFormerConfig,
+    image_text_hidden_size: int = 256,
+    dtype: Any = None,
+) -> dict[str, Any]:
+    """An HF `Blip2Config` dict for `Blip2ForImageTextRetrieval` (no language model); `dtype` (default the
+    ViT's `param_dtype`) is the checkpoint's tensor dtype."""
+    if qformer_config.encoder_hidden_size != vision_config.hidden_size:
+        raise ValueError(
+            f"Q-Former encoder_hidden_size {qformer_config.encoder_hidden_size} != ViT hidden_size "
+            f"{vision_config.hidden_size}"
+        )
+    dtype_name = jnp.dtype(dtype or vision_config.param_dtype).name
+    return {
+        "architectures": ["Blip2ForImageTextRetrieval"],
+        "model_type": "blip-2",
+        "num_query_tokens": qformer_config.num_query_tokens,
+        "image_text_hidden_size": image_text_hidden_size,
+        "image_token_index": None,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "vision_config": vision_config.to_hf_dict(),
+        "qformer_config": qformer_config.to_hf_dict(),
+        "torch_dtype": dtype_name,  # transformers 4.x
+        "dtype": dtype_name,  # transformers 5.x
+    }
+
+
+def save_blip2(
+    hf_dir: str,
+    vision_config: vit.ViTConfig,
+    vision_params: Any,
+    qformer_config: qformer.QFormerConfig,
+    qformer_params: Any,
+    *,
+    heads: Mapping[str, Mapping[str, Any]] | None = None,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes a HF `Blip2ForImageTextRetrieval` checkpoint (config.json + safetensors) of our params.
+
+    `heads` as in `blip2_state_dict` (without them, transformers initialises the heads randomly).
+    `dtype`: tensor dtype on disk (default `vision_config.param_dtype`). Call it on every process; process 0
+    writes. The result loads with `transformers.Blip2ForImageTextRetrieval.from_pretrained(hf_dir)`.
+    """
+    dtype = jnp.dtype(dtype or vision_config.param_dtype)
+    image_text_hidden_size = 256
+    if heads and "vision_projection" in heads:
+        image_text_hidden_size = int(np.shape(heads["vision_projection"]["kernel"])[-1])
+    hf_config = blip2_hf_config(vision_config, qformer_config, image_text_hidden_size, dtype)
+    tensors = _blip2_hf_tensors(vision_config, vision_params, qformer_config, qformer_params, heads)
+    if jax.process_index() == 0:
+        os.makedirs(hf_dir, exist_ok=True)
+        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
+            json.dump(hf_config, f, indent=2)
+    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)

@@ -276,6 +276,42 @@ def _check_same_paths(what: str, got: Mapping[Path, Any], expected: Mapping[Path
         raise ValueError(f"{what} does not match the model's params: missing {missing}, unexpected {extra}")
 
 
+def _checked_flat(params: Any, shapes: Mapping[Path, tuple[int, ...]]) -> dict[Path, Any]:
+    """`params` (possibly boxed) flattened by path, checked to have exactly the paths and shapes of `shapes`."""
+    flat = _flat(nn.unbox(params))
+    _check_same_paths("params", flat, shapes)
+    for path, shape in shapes.items():
+        if tuple(flat[path].shape) != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
+    return flat
+
+
+def _model_tensors(
+    params: Any, maps: Mapping[Path, TensorMap], shapes: Mapping[Path, tuple[int, ...]]
+) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    """`{hf_name: (shape, fetch)}` for `write_safetensors`, one HF tensor per Flax leaf."""
+    flat = _checked_flat(params, shapes)
+    return {
+        m.hf_name: (m.hf_shape(shapes[path]), functools.partial(lambda m, x: m.to_hf(_to_host(x)), m, flat[path]))
+        for path, m in maps.items()
+    }
+
+
+def write_checkpoint(
+    hf_dir: str,
+    hf_config: Mapping[str, Any],
+    tensors: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]],
+    dtype: Any,
+    max_shard_bytes: int,
+) -> None:
+    """config.json (process 0) + safetensors shards of an HF checkpoint; call on every process."""
+    if jax.process_index() == 0:
+        os.makedirs(hf_dir, exist_ok=True)
+        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
+            json.dump(dict(hf_config), f, indent=2)
+    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)
+
+
 def _dtype_from_hf(d: Mapping[str, Any]) -> Any:
     name = d.get("dtype") or d.get("torch_dtype") or "float32"
     return jnp.dtype(str(name).removeprefix("torch."))
@@ -379,21 +415,8 @@ def save_qwen2(
     The result loads with `transformers.Qwen2ForCausalLM.from_pretrained(hf_dir)`.
     """
     dtype = jnp.dtype(dtype or config.param_dtype)
-    flat = _flat(nn.unbox(params))
-    maps, shapes = qwen2_tensor_maps(config), qwen2_param_shapes(config)
-    _check_same_paths("params", flat, shapes)
-    for path, shape in shapes.items():
-        if tuple(flat[path].shape) != shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
-    tensors = {
-        m.hf_name: (m.hf_shape(shapes[path]), functools.partial(lambda m, x: m.to_hf(_to_host(x)), m, flat[path]))
-        for path, m in maps.items()
-    }
-    if jax.process_index() == 0:
-        os.makedirs(hf_dir, exist_ok=True)
-        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
-            json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
-    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)
+    tensors = _model_tensors(params, qwen2_tensor_maps(config), qwen2_param_shapes(config))
+    write_checkpoint(hf_dir, config.to_hf_dict(torch_dtype=dtype), tensors, dtype, max_shard_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,21 +579,8 @@ def save_bert(
     The result loads with `transformers.BertModel.from_pretrained(hf_dir, add_pooling_layer=False)`.
     """
     dtype = jnp.dtype(dtype or config.param_dtype)
-    flat = _flat(nn.unbox(params))
-    maps, shapes = bert_tensor_maps(config), bert_param_shapes(config)
-    _check_same_paths("params", flat, shapes)
-    for path, shape in shapes.items():
-        if tuple(flat[path].shape) != shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
-    tensors = {
-        m.hf_name: (m.hf_shape(shapes[path]), functools.partial(lambda m, x: m.to_hf(_to_host(x)), m, flat[path]))
-        for path, m in maps.items()
-    }
-    if jax.process_index() == 0:
-        os.makedirs(hf_dir, exist_ok=True)
-        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
-            json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
-    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)
+    tensors = _model_tensors(params, bert_tensor_maps(config), bert_param_shapes(config))
+    write_checkpoint(hf_dir, config.to_hf_dict(torch_dtype=dtype), tensors, dtype, max_shard_bytes)
 
 
 def read_sentence_pipeline(hf_dir: str) -> dict[str, Any]:
@@ -905,11 +915,8 @@ def _blip2_hf_tensors(
     pieces: dict[str, list[tuple[TensorMap, Any]]] = {}
     hf_shapes: dict[str, tuple[int, ...]] = {}
     for maps, shapes, params in parts:
-        flat = _flat(nn.unbox(params))
-        _check_same_paths("params", flat, shapes)
+        flat = _checked_flat(params, shapes)
         for path, shape in shapes.items():
-            if tuple(flat[path].shape) != shape:
-                raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, config expects {shape}")
             m = maps[path]
             pieces.setdefault(m.hf_name, []).append((m, flat[path]))
             hf_shapes[m.hf_name] = m.hf_shape(shape)
@@ -988,8 +995,4 @@ def save_blip2(
         image_text_hidden_size = int(np.shape(heads["vision_projection"]["kernel"])[-1])
     hf_config = blip2_hf_config(vision_config, qformer_config, image_text_hidden_size, dtype)
     tensors = _blip2_hf_tensors(vision_config, vision_params, qformer_config, qformer_params, heads)
-    if jax.process_index() == 0:
-        os.makedirs(hf_dir, exist_ok=True)
-        with open(os.path.join(hf_dir, CONFIG_FILE), "w") as f:
-            json.dump(hf_config, f, indent=2)
-    write_safetensors(hf_dir, tensors, dtype, max_shard_bytes)
+    write_checkpoint(hf_dir, hf_config, tensors, dtype, max_shard_bytes)

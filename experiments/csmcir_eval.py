@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from jax_hd.core import config as config_lib
-from jax_hd.core import metrics
 from jax_hd.csmcir import evaluate
 from jax_hd.data import cir
 from jax_hd.models import qformer, vit
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset: path.py:preset.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results go.")
 
 F = config_lib.Field
 SCHEMA = {
@@ -192,17 +186,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return results
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    metrics.quiet_library_logs()
-    try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, cir.CIRDataError) as e:
-        sys.exit(f"FATAL {e}")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    config_lib.run_experiment(run, fatal=(cir.CIRDataError,))

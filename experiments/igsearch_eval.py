@@ -9,30 +9,19 @@ question) and `table.md`, and prints the table.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import logging
 from flax import linen as nn
-from ml_collections import config_flags
 
 from jax_hd.core import config as config_lib
-from jax_hd.core import metrics, sharding
+from jax_hd.core import sharding
 from jax_hd.data import qa
-from jax_hd.data.tokenizer import train_bpe_tokenizer
-from jax_hd.decoding import sampling
-from jax_hd.igsearch import evaluate, rollout
-from jax_hd.models import hf_import, qwen2
-from jax_hd.retrieval import Retriever, bm25
-from jax_hd.retrieval.client import SearchClient
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset: path.py:preset.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results go.")
+from jax_hd.igsearch import evaluate, rollout, setup
 
 F = config_lib.Field
 SCHEMA = {
@@ -55,80 +44,18 @@ SCHEMA = {
 }
 
 
-def load_examples(config: ml_collections.ConfigDict, world: qa.QAWorld | None) -> list[qa.QAExample]:
-    d = config.data
-    if d.source == "embedded":
-        examples = world.splits[d.split]
-    elif os.path.isdir(d.path):
-        examples = [ex for group in qa.load_search_r1_test_sets(d.path).values() for ex in group]
-    else:
-        examples = qa.read_search_r1(d.path)
-    return list(examples[: d.max_questions] if d.max_questions > 0 else examples)
-
-
-def build_retriever(config: ml_collections.ConfigDict, world: qa.QAWorld | None) -> SearchClient:
-    r = config.retrieval
-    if r.backend == "http":
-        return SearchClient("http", url=r.url, timeout_s=r.timeout_s, max_retries=r.max_retries)
-    retriever: Retriever
-    if r.index_dir:
-        from jax_hd.retrieval.server import load_retriever
-
-        retriever = load_retriever(r.backend, r.index_dir)
-    else:
-        if world is None:
-            raise config_lib.ConfigError("retrieval.index_dir is required unless data.source is 'embedded'")
-        corpus = bm25.Corpus(tuple(p.id for p in world.corpus), tuple(p.contents for p in world.corpus))
-        if r.backend == "bm25":
-            retriever = bm25.BM25Index.build(corpus)
-        else:
-            from jax_hd.retrieval import dense
-
-            retriever = dense.DenseIndex.build(dense.Encoder.minilm(), corpus)
-    return SearchClient(retriever=retriever, max_retries=r.max_retries)
-
-
-def build_policy(config: ml_collections.ConfigDict, world: qa.QAWorld | None, mesh: jax.sharding.Mesh):
-    """(qwen2 config, sharded params, tokenizer) from `policy.hf_dir`, or the untrained embedded tiny policy."""
-    p = config.policy
-    if p.hf_dir:
-        model_config = hf_import.read_qwen2_config(p.hf_dir)
-        abstract = jax.eval_shape(functools.partial(qwen2.init_params, model_config), jax.random.PRNGKey(0))
-        _, params = hf_import.load_qwen2(p.hf_dir, shardings=sharding.logical_shardings(abstract, mesh))
-        return model_config, params, hf_import.load_tokenizer(p.hf_dir)
-    if world is None:
-        raise config_lib.ConfigError("policy.hf_dir is required unless data.source is 'embedded'")
-    texts = [passage.contents for passage in world.corpus] + [ex.question for ex in world.splits["train"]]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=p.tokenizer_vocab_size)
-    vocab = -(-len(tokenizer) // 128) * 128  # Padded so the vocabulary axis shards evenly.
-    model_config = qwen2.Qwen2Config.tiny(
-        vocab_size=vocab, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
-        num_key_value_heads=p.num_key_value_heads, tie_word_embeddings=True,
-    )
-    init = functools.partial(qwen2.init_params, model_config)
-    params, _ = sharding.sharded_init(init, jax.random.PRNGKey(config.seed), mesh=mesh)
-    return model_config, params, tokenizer
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_lib.validate(config, SCHEMA)
     sharding.maybe_initialize_distributed(config.distributed.mode)
     mesh = sharding.make_mesh(config.mesh)
     world = qa.embedded_qa_world(config.data.world_seed) if config.data.source == "embedded" else None
-    examples = load_examples(config, world)
-    client = build_retriever(config, world)
-    model_config, params, tokenizer = build_policy(config, world, mesh)
+    d = config.data
+    examples = setup.load_examples(d.source, world, split=d.split, path=d.path, max_questions=d.max_questions)
+    client = setup.build_search_client(config.retrieval, world)
+    model_config, params, tokenizer = setup.build_policy(config.policy, world, mesh, config.seed)
     logging.info("%d questions; policy %s; retrieval %s", len(examples), model_config, config.retrieval.backend)
 
-    model = qwen2.Qwen2LM(model_config)
-
-    def apply_fn(p: Any, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: Any):
-        return model.apply({"params": p}, tokens, positions, mask, cache)
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampler = sampling.Sampler(apply_fn, functools.partial(qwen2.init_cache, model_config),
-                               sampling.SamplerConfig(pad_id=pad_id), mesh=mesh)
+    sampler = setup.make_sampler(model_config, setup.pad_token_id(tokenizer), mesh)
     policy = rollout.SamplerPolicy(sampler, params, tokenizer, jax.random.PRNGKey(config.seed),
                                    temperature=config.rollout.temperature)
     rollout_fields = {k: v for k, v in config.rollout.to_dict().items() if k != "temperature"}
@@ -150,17 +77,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    metrics.quiet_library_logs()
-    try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except config_lib.ConfigError as e:
-        sys.exit(f"FATAL {e}")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    config_lib.run_experiment(run)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from typing import Any
 
 import grain
@@ -23,19 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
-from ml_collections import config_flags
 
 from jax_hd.core import checkpoint, metrics, sharding, train_state
 from jax_hd.core import config as config_lib
 from jax_hd.models.mlp import MLP, MLPConfig
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset: path.py:preset.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, plots).")
-
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: a relaunch loop should start the run again (it resumes).
 
 F = config_lib.Field
 SCHEMA = {
@@ -202,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
     writer.close()
     ckpt.close()
     if preempted:
-        sys.exit(EXIT_PREEMPTED)
+        raise checkpoint.Preempted(f"saved step {int(state.step)}")
     if jax.process_index() == 0:
         metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir, "metrics.png"), ["loss", "eval_loss"])
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
@@ -211,17 +204,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
     return state
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    metrics.quiet_library_logs()
-    try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except config_lib.ConfigError as e:
-        sys.exit(f"FATAL {e}")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    config_lib.run_experiment(train, fatal=(checkpoint.CheckpointMismatchError,), preempted=(checkpoint.Preempted,))

@@ -25,6 +25,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class Preempted(Exception):
+    """Raised by a training loop after it saved a checkpoint because `should_stop` said so (SIGTERM, preemption)."""
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk does not fit the state the current config builds."""
 

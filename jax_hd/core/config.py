@@ -2,10 +2,13 @@
 
 Every experiment binary does two things with this module:
 
-* `app.run(main, flags_parser=config.parse_flags)` so that a misspelt `--config.a.b=...` override fails
-  with a one-line message naming the field and the closest valid one (ml_collections alone raises an
-  `AttributeError` traceback from deep inside flag parsing);
+* `config.run_experiment(run)` as its `__main__`: it defines `--config` (`path.py:preset`, locked) and
+  `--workdir`, parses them with `parse_flags` so that a misspelt `--config.a.b=...` override fails with a
+  one-line message naming the field and the closest valid one (ml_collections alone raises an
+  `AttributeError` traceback from deep inside flag parsing), and turns expected failures into exit codes;
 * `config.validate(cfg, SCHEMA)` at start-up, where `SCHEMA` maps dotted field paths to `Field`s.
+
+Flags are defined only by `run_experiment`, so binaries stay importable side by side (tests call their `run`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import difflib
 import importlib.util
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-from absl import flags
+from absl import app, flags
+from ml_collections import config_flags
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a relaunch loop should start the run again (it resumes).
 
 
 class ConfigError(ValueError):
@@ -173,3 +179,38 @@ def validate(config: ml_collections.ConfigDict, schema: Mapping[str, Field]) -> 
             errors.append(error)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def run_experiment(
+    run: Callable[[ml_collections.ConfigDict, str], Any],
+    *,
+    fatal: tuple[type[BaseException], ...] = (),
+    preempted: tuple[type[BaseException], ...] = (),
+) -> None:
+    """The `__main__` of an experiment binary: `run(config, workdir)` from `--config` and `--workdir`.
+
+    `ConfigError` and the `fatal` exceptions exit with status 1 and a one-line message; the `preempted` exceptions
+    (raised after a checkpoint was saved on SIGTERM) exit with `EXIT_PREEMPTED` so a relaunch loop resumes the run.
+    """
+    from jax_hd.core import metrics  # Not at module level: metrics pulls in the plotting and logging stack.
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Config file and preset: path.py:preset.", lock_config=True
+    )
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints, results).")
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if config_flag.value is None or workdir_flag.value is None:
+            raise app.UsageError("--config and --workdir are required")
+        metrics.quiet_library_logs()
+        try:
+            run(config_flag.value, workdir_flag.value)
+        except preempted as e:
+            sys.stderr.write(f"preempted ({e}): checkpoint saved; rerun the same command to resume\n")
+            sys.exit(EXIT_PREEMPTED)
+        except (ConfigError, *fatal) as e:
+            sys.exit(f"FATAL {type(e).__name__}: {e}")
+
+    app.run(main, flags_parser=parse_flags)

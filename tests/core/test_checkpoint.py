@@ -14,6 +14,7 @@ from flax import linen as nn
 from experiments import regression
 from experiments.configs import regression as regression_configs
 from jax_hd.core import checkpoint, sharding, train_state
+from jax_hd.core import config as config_lib
 
 
 def _tiny_state(mesh, hidden=8, bank=16):
@@ -188,7 +189,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path, uninterrupted
     proc = _start_and_wait_for_checkpoint(python, str(tmp_path), subprocess_env, repo_root)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == regression.EXIT_PREEMPTED, stderr[-3000:]
+    assert proc.returncode == config_lib.EXIT_PREEMPTED, stderr[-3000:]
     assert "preempted: saved step" in stderr
     state, step = _final_state(str(tmp_path))
     assert 30 <= step < 300 and int(state.step) == step

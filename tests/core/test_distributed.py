@@ -25,14 +25,14 @@ def test_two_processes_psum_and_write_one_checkpoint(tmp_path, python, subproces
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
+    try:
+        results = [proc.communicate(timeout=300) for proc in procs]
+    finally:  # Only reached with live processes when one timed out or the test failed.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     outputs = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=300)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+    for proc, (out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err[-3000:]
         outputs.append(json.loads(out.strip().splitlines()[-1]))
     # 4 rows x 2 columns of 1.0 from process 0 and of 2.0 from process 1.

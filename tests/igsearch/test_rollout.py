@@ -1,5 +1,6 @@
 import collections
 
+import numpy as np
 import pytest
 
 from jax_hd.igsearch import rollout
@@ -129,6 +130,11 @@ def test_pack_trajectories():
     assert batch["loss_mask"][0].sum() == sum(t.policy_mask)
     assert not (batch["loss_mask"] & ~batch["response_mask"]).any()
     assert TOKENIZER.decode(batch["response_tokens"][0][batch["query_token_mask"][0]].tolist()) == "q"
+    np.testing.assert_array_equal(batch["query_step_index"] >= 0, batch["query_token_mask"])
+    (two,), _, _ = _run({"Q2:": ["<search> a </search>", "<search> bb </search>", "<answer> c </answer>"]})
+    packed = rollout.pack_trajectories([two], prompt_len=8, response_len=len(two.response_ids), pad_id=0)
+    index = packed["query_step_index"][0]
+    assert [TOKENIZER.decode(packed["response_tokens"][0][index == s].tolist()) for s in (0, 1)] == ["a", "bb"]
     with pytest.raises(ValueError, match="row 0"):
         rollout.pack_trajectories([t], prompt_len=2, response_len=500, pad_id=0)
 

@@ -1,0 +1,116 @@
+"""Presets of the IG-Search trainer (GRPO with information-gain credit on search queries).
+
+    python -m experiments.igsearch --config=experiments/configs/igsearch.py:cpu_demo --workdir=runs/igsearch_demo
+    python -m experiments.igsearch --config=experiments/configs/igsearch.py:cpu_demo --config.ig.enabled=False \
+        --workdir=runs/igsearch_demo_no_ig        # the trajectory-level GRPO baseline
+
+Presets:
+* `cpu_test`: seconds; a tiny policy, a few warm-start steps, 2 GRPO steps of 4 prompts x 2 rollouts (tests).
+* `cpu_demo` (default): the embedded Wikipedia QA world with in-process BM25; a small Qwen2 with a locally trained
+  BPE tokenizer, warm-started on expert trajectories so it knows the format, then GRPO(+IG); about 10-15 minutes on
+  2 CPU cores.
+* `qwen2_5_3b_tpu`: the paper's scale (spec 4.2, 9): Qwen2.5-3B from a local HF checkpoint, NQ + HotpotQA train
+  set, a Search-R1-compatible retrieval server, 256 prompts x 5 rollouts, mini-batches of 256 sequences, lr 1e-6,
+  clip 0.2, KL 0.001, top-3 documents, up to 5 searches, 300 steps; fsdp over all chips.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    # A persistent XLA compilation cache (e.g. ~/.cache/jax_hd/xla): reruns and resumed runs skip compiling.
+    c.jax_cache_dir = ""
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto"))
+
+    # source "embedded": the Wikipedia QA world (train split for GRPO, `eval_split` for EM). "search_r1": a train
+    # parquet/jsonl at `train_path` and a test file or directory of per-benchmark files at `eval_path`.
+    # max_*_questions <= 0: all.
+    c.data = ml_collections.ConfigDict(dict(
+        source="embedded", world_seed=0, train_path="", eval_path="", max_train_questions=-1, eval_split="test",
+        max_eval_questions=200,
+    ))
+    c.retrieval = ml_collections.ConfigDict(
+        dict(backend="bm25", index_dir="", url="http://127.0.0.1:8000/retrieve", timeout_s=30.0, max_retries=2)
+    )
+    # hf_dir: a local Qwen2/Qwen2.5 HF checkpoint; empty: the embedded tiny policy (fields below).
+    # tokenizer_max_texts > 0 trains the tokenizer on that many corpus passages (faster; tests).
+    c.policy = ml_collections.ConfigDict(dict(
+        hf_dir="", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128, intermediate_size=384,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_chat_template=True, dtype="float32",
+        remat=False,
+    ))
+    c.rollout = ml_collections.ConfigDict(dict(
+        dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=64, max_observation_tokens=160,
+        max_response_tokens=512, temperature=1.0, top_p=1.0,
+    ))
+    # Generation shapes: context buckets, new-token buckets, and row_buckets: each generate call is padded to a
+    # multiple of batch / row_buckets rows (1: always the full batch, one program per shape).
+    c.sampler = ml_collections.ConfigDict(dict(
+        prompt_buckets=[384, 640, 896], new_token_buckets=[64], row_buckets=2,
+    ))
+    # AutoRefine's outcome reward: F1 of the answer, else 0.1 if a <refine> block covers a gold answer.
+    c.reward = ml_collections.ConfigDict(dict(kind="f1", refine_bonus=0.1, format_bonus=0.0))
+    # IG (spec 2, 3). enabled=False: plain trajectory-level GRPO. mode/transform/coef: the advantage modulation of
+    # the query tokens (grpo.py); the rest is info_gain.IGConfig.
+    c.ig = ml_collections.ConfigDict(dict(
+        enabled=True, mode="additive", transform="raw", coef=0.5, clip=1.0, n_random=3, exclude_same_question=True,
+        max_context_tokens=1024, context_buckets=[512, 768, 1024], answer_buckets=[8, 16, 32],
+        micro_batch_size=32, seed=0,
+    ))
+    c.grpo = ml_collections.ConfigDict(dict(group_size=4, clip_eps=0.2, kl_coef=0.001, entropy_coef=0.001))
+    # steps: GRPO steps (rollout batches). Each is prompts_per_step x group_size rollouts, updated in mini-batches
+    # of mini_batch_size sequences (one epoch), each accumulated over micro_batch_size-row micro-batches.
+    c.trainer = ml_collections.ConfigDict(dict(
+        steps=15, prompts_per_step=8, mini_batch_size=16, micro_batch_size=16, lr=5e-5, warmup_steps=0,
+        weight_decay=0.01, grad_clip_norm=1.0, max_consecutive_nonfinite=5,
+        prompt_buckets=[256, 320, 384], response_buckets=[256, 384, 512],
+        log_every=1, checkpoint_every=5, keep_checkpoints=2, async_checkpoint=True,
+    ))
+    # Supervised warm start on expert trajectories (embedded world only; steps=0 skips it). Queries: the first
+    # max_query_words words of the question's quoted sentence; refine: refine_window_words words around the answer
+    # (0: the whole supporting sentence).
+    c.warm_start = ml_collections.ConfigDict(dict(
+        steps=200, num_examples=1500, batch_size=8, lr=2e-3, warmup_steps=20, max_query_words=8,
+        refine_window_words=12, checkpoint_every=50,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=100, before_grpo=True))
+
+    if preset == "cpu_test":
+        c.data.update(max_train_questions=64, max_eval_questions=8)
+        c.policy.update(tokenizer_vocab_size=512, tokenizer_max_texts=1500, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        c.rollout.update(max_segment_tokens=48, max_observation_tokens=96, max_response_tokens=384)
+        c.sampler.update(prompt_buckets=[1024], new_token_buckets=[64], row_buckets=1)
+        c.ig.update(context_buckets=[1024], answer_buckets=[16], micro_batch_size=32, max_context_tokens=1024)
+        c.grpo.group_size = 2
+        c.trainer.update(steps=2, prompts_per_step=4, mini_batch_size=4, micro_batch_size=4, lr=1e-4,
+                         prompt_buckets=[512], response_buckets=[384], checkpoint_every=1)
+        c.warm_start.update(steps=6, num_examples=32, batch_size=8, lr=3e-3, warmup_steps=1, checkpoint_every=3)
+        c.eval.update(batch_size=8)
+    elif preset == "cpu_demo":
+        pass
+    elif preset == "qwen2_5_3b_tpu":
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
+        c.data.update(source="search_r1", train_path="data/search_r1/train.parquet",
+                      eval_path="data/search_r1/test", max_eval_questions=-1)
+        c.retrieval.backend = "http"
+        c.policy.update(hf_dir="checkpoints/Qwen2.5-3B", dtype="bfloat16", remat=True)
+        c.rollout.update(max_turns=5, topk=3, max_segment_tokens=512, max_observation_tokens=512,
+                         max_response_tokens=4096, temperature=1.0, top_p=0.95)
+        c.sampler.update(prompt_buckets=[512, 1024, 2048, 4096, 6144], new_token_buckets=[64, 128, 256, 512])
+        c.ig.update(max_context_tokens=4096, context_buckets=[512, 1024, 2048, 4096], answer_buckets=[8, 16, 32, 64],
+                    micro_batch_size=64)
+        c.grpo.update(group_size=5, clip_eps=0.2, kl_coef=0.001, entropy_coef=0.001)
+        c.trainer.update(steps=300, prompts_per_step=256, mini_batch_size=256, micro_batch_size=64, lr=1e-6,
+                         prompt_buckets=[256, 512, 1024], response_buckets=[1024, 2048, 3072, 4096],
+                         checkpoint_every=10, keep_checkpoints=3)
+        c.warm_start.steps = 0
+        c.eval.update(batch_size=512, before_grpo=True)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose cpu_test, cpu_demo or qwen2_5_3b_tpu")
+    return c

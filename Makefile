@@ -22,7 +22,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) -m experiments.regression --config=experiments/configs/regression.py:cpu_demo --workdir=runs/regression_demo
+	$(PY) -m experiments.igsearch --config=experiments/configs/igsearch.py:cpu_demo --workdir=runs/igsearch_demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -30,6 +30,8 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) -m experiments.benchmarks.sharding_memory --out=runs/benchmarks/sharding_memory.json
 	$(PY) -m experiments.benchmarks.sampler --out=runs/benchmarks/sampler.json
+	$(PY) -m experiments.benchmarks.retrieval_recall --out=runs/benchmarks/retrieval_recall.json
+	$(PY) -m experiments.benchmarks.ig_overhead --out=runs/benchmarks/ig_overhead.json
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -56,8 +56,6 @@ from jax_hd.decoding import sampling
 from jax_hd.igsearch import evaluate, experts, grpo, info_gain, rewards, rollout, setup
 from jax_hd.models import qwen2
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: a relaunch loop should start the run again (it resumes).
-
 # Keys of the arrays each jitted step takes, all `[batch, ...]` and sharded over data x fsdp.
 SEQUENCE_KEYS = ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")
 SFT_KEYS = (*SEQUENCE_KEYS, "loss_mask")
@@ -131,10 +129,6 @@ SCHEMA = {
     "eval.batch_size": F(int, positive=True),
     "eval.before_grpo": F(bool),
 }
-
-
-class Preempted(Exception):
-    """SIGTERM (or a coordinated preemption) arrived: a checkpoint was saved; the binary exits 143."""
 
 
 class NonFiniteError(RuntimeError):
@@ -833,7 +827,7 @@ def warm_start(
                 preempted = ckpt.should_stop(step)
                 ckpt.save(step, state, data_iter, config, force=preempted or step == ws.steps)
                 if preempted:
-                    raise Preempted(f"warm start step {step}")
+                    raise checkpoint.Preempted(f"warm start step {step}")
         writer.close()
         if jax.process_index() == 0:
             metrics.plot_metrics(writer.jsonl_path, os.path.join(directory, "metrics.png"), ["sft_loss"])
@@ -911,7 +905,7 @@ def grpo_loop(
 ) -> train_state.TrainState:
     """GRPO steps from the state's step to `trainer.steps`, with greedy eval before (step 0) and after (last step)
     written to `<workdir>/eval.json` (+ `eval_records_*.jsonl`); checkpoints after every due step; raises
-    `Preempted` after saving."""
+    `checkpoint.Preempted` after saving."""
     t = config.trainer
     per_step = updates_per_step(config)
     start = int(state.step) // per_step
@@ -943,7 +937,7 @@ def grpo_loop(
             ckpt.save(iteration, state, prompts, config, force=preempted or iteration == t.steps)
             if preempted and iteration < t.steps:
                 logging.warning("preempted: saved GRPO step %d; rerun the same command to resume", iteration)
-                raise Preempted(f"GRPO step {iteration}")
+                raise checkpoint.Preempted(f"GRPO step {iteration}")
     finally:
         writer.close()
     if jax.process_index() == 0:
@@ -958,8 +952,9 @@ def grpo_loop(
 def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
     """Warm start (if configured), then GRPO(+IG), resuming from `<workdir>` checkpoints; returns the final state.
 
-    Raises `Preempted` after saving on SIGTERM, `NonFiniteError` after too many skipped updates, `ConfigError` for a
-    bad config and `checkpoint.CheckpointMismatchError` for a checkpoint written by another config.
+    Raises `checkpoint.Preempted` after saving on SIGTERM, `NonFiniteError` after too many skipped updates,
+    `ConfigError` for a bad config and `checkpoint.CheckpointMismatchError` for a checkpoint written by another
+    config.
     """
     check_config(config)
     if config.jax_cache_dir:

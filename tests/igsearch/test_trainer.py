@@ -369,11 +369,15 @@ def _command(python, workdir, cache_dir):
     return [python, "-m", "experiments.igsearch", CONFIG, f"--workdir={workdir}", f"--config.jax_cache_dir={cache_dir}"]
 
 
-def _run(python, workdir, cache_dir, env, cwd):
-    result = subprocess.run(_command(python, workdir, cache_dir), cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _start(python, workdir, cache_dir, env, cwd):
+    return subprocess.Popen(_command(python, workdir, cache_dir), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
 
 
 def _final_params(workdir):
@@ -383,22 +387,41 @@ def _final_params(workdir):
     return restored["params"], restored["extra"], restored["step"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
+def _committed(workdir):
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache_dir, python, subprocess_env, repo_root):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
+def runs(tmp_path_factory, python, subprocess_env, repo_root):
+    """An uninterrupted cpu_test run, then a second one killed with SIGKILL right after its first GRPO checkpoint and
+    resumed (the later runs reuse the XLA cache the first one filled)."""
+    cache_dir = str(tmp_path_factory.mktemp("xla_cache"))
+    uninterrupted, killed = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("killed")
     start = time.monotonic()
-    _run(python, str(workdir), cache_dir, subprocess_env, repo_root)
-    return workdir, time.monotonic() - start
+    _finish(_start(python, uninterrupted, cache_dir, subprocess_env, repo_root))
+    seconds = time.monotonic() - start
+    victim = _start(python, killed, cache_dir, subprocess_env, repo_root)
+    try:
+        while 1 not in _committed(killed):
+            assert victim.poll() is None, f"run ended early:\n{victim.stderr.read()[-3000:]}"
+            assert time.monotonic() - start < 600, "no GRPO checkpoint within 600 s"
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    killed_at = _committed(killed)
+    resumed_stderr = _finish(_start(python, killed, cache_dir, subprocess_env, repo_root))
+    return {"uninterrupted": uninterrupted, "seconds": seconds, "killed": killed, "killed_at": killed_at,
+            "victim_returncode": victim.returncode, "resumed_stderr": resumed_stderr}
 
 
 @pytest.mark.slow
-def test_cpu_test_end_to_end(uninterrupted):
-    workdir, seconds = uninterrupted
+def test_cpu_test_end_to_end(runs):
+    workdir = runs["uninterrupted"]
     config = igsearch_configs.get_config("cpu_test")
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -407,40 +430,26 @@ def test_cpu_test_end_to_end(uninterrupted):
         assert np.isfinite(rows[-1][key]), key
     evals = json.loads((workdir / "eval.json").read_text())
     assert {"before_grpo", "after_grpo"} <= set(evals)
-    assert evals["after_grpo"]["average"]["num_questions"] * 2 == config.data.max_eval_questions
-    for name in ("config.json", "metrics.png", "final_metrics.json", "warm_start/metrics.jsonl", "tensorboard"):
+    assert sum(v["num_questions"] for k, v in evals["after_grpo"].items() if k != "average") == \
+        config.data.max_eval_questions
+    for name in ("config.json", "metrics.png", "final_metrics.json", "eval_records_after_grpo.jsonl",
+                 "warm_start/metrics.jsonl", "tensorboard"):
         assert (workdir / name).exists(), name
-    params, extra, step = _final_params(workdir)
+    _, extra, step = _final_params(workdir)
     assert int(step) == config.trainer.steps * trainer.updates_per_step(config)
     assert set(extra) == {"ref_params"}
-    print(f"cpu_test end to end: {seconds:.1f} s")
-
-
-def _committed(workdir):
-    directory = workdir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    print(f"cpu_test end to end (cold XLA cache): {runs['seconds']:.1f} s")
 
 
 @pytest.mark.slow
-def test_kill_9_mid_grpo_then_resume_gives_the_same_params(tmp_path, uninterrupted, cache_dir, python,
-                                                          subprocess_env, repo_root):
-    proc = subprocess.Popen(_command(python, str(tmp_path), cache_dir), cwd=repo_root, env=subprocess_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while 1 not in _committed(tmp_path):
-        assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no GRPO checkpoint within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert _committed(tmp_path) == [1], "the run was not killed in the middle of GRPO"
-    resumed = _run(python, str(tmp_path), cache_dir, subprocess_env, repo_root)
-    assert "restored step 1" in resumed.stderr
-    expected, killed = _final_params(uninterrupted[0]), _final_params(tmp_path)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(killed), strict=True):
+def test_kill_9_mid_grpo_then_resume_gives_the_same_params(runs):
+    assert runs["victim_returncode"] == -signal.SIGKILL
+    assert runs["killed_at"] == [1], "the run was not killed in the middle of GRPO"
+    assert "restored step 1" in runs["resumed_stderr"]
+    expected, resumed = _final_params(runs["uninterrupted"]), _final_params(runs["killed"])
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (runs["killed"] / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
 
 

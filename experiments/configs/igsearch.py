@@ -75,7 +75,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # max_query_words words of the question's quoted sentence; refine: refine_window_words words around the answer
     # (0: the whole supporting sentence).
     c.warm_start = ml_collections.ConfigDict(dict(
-        steps=200, num_examples=1500, batch_size=8, lr=2e-3, warmup_steps=20, max_query_words=8,
+        steps=400, num_examples=1500, batch_size=8, lr=3e-3, warmup_steps=20, max_query_words=8,
         refine_window_words=12, checkpoint_every=50,
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=100, before_grpo=True))

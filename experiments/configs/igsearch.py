@@ -39,10 +39,11 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     )
     # hf_dir: a local Qwen2/Qwen2.5 HF checkpoint; empty: the embedded tiny policy (fields below).
     # tokenizer_max_texts > 0 trains the tokenizer on that many corpus passages (faster; tests).
+    # logits_chunk_size: log-probs of n positions at a time (0: all; paper scale needs it: 151k-token vocabulary).
     c.policy = ml_collections.ConfigDict(dict(
         hf_dir="", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128, intermediate_size=384,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_chat_template=True, dtype="float32",
-        remat=False,
+        remat=False, logits_chunk_size=0,
     ))
     c.rollout = ml_collections.ConfigDict(dict(
         dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=64, max_observation_tokens=160,
@@ -99,7 +100,8 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.data.update(source="search_r1", train_path="data/search_r1/train.parquet",
                       eval_path="data/search_r1/test", max_eval_questions=-1)
         c.retrieval.backend = "http"
-        c.policy.update(hf_dir="checkpoints/Qwen2.5-3B", dtype="bfloat16", remat=True)
+        c.policy.update(hf_dir="checkpoints/Qwen2.5-3B", dtype="bfloat16", remat=True,
+                        logits_chunk_size=512)
         c.rollout.update(max_turns=5, topk=3, max_segment_tokens=512, max_observation_tokens=512,
                          max_response_tokens=4096, temperature=1.0, top_p=0.95)
         c.sampler.update(prompt_buckets=[512, 1024, 2048, 4096, 6144], new_token_buckets=[64, 128, 256, 512])

@@ -602,10 +602,23 @@ def make_score_fn(apply_fn: Callable[..., tuple[jax.Array, Any]]) -> ScoreFn:
 
 
 def qwen2_score_fn(config: qwen2.Qwen2Config) -> ScoreFn:
-    """`make_score_fn` for `Qwen2LM(config)` with unboxed params."""
+    """A `ScoreFn` for `Qwen2LM(config)` with unboxed params that projects only the scored positions onto the
+    vocabulary (`config.logits_chunk_size` at a time), never the whole `[batch, seq, vocab]`."""
     model = qwen2.Qwen2LM(config)
-    return make_score_fn(lambda params, tokens, positions, mask: model.apply({"params": params}, tokens, positions,
-                                                                             mask))
+
+    def score_fn(params: Any, tokens: jax.Array, mask: jax.Array, num_scored: int | None = None) -> jax.Array:
+        mask = mask.astype(bool)
+        seq = tokens.shape[1]
+        k = seq - 1 if num_scored is None else num_scored
+        if not 0 < k < seq:
+            raise ValueError(f"num_scored must be in [1, {seq - 1}], got {k}")
+        hidden, _ = model.apply({"params": params}, tokens, qwen2.positions_from_mask(mask), mask, return_hidden=True)
+        picked, _ = qwen2.token_logprobs(hidden[:, seq - k - 1 : seq - 1], qwen2.lm_head_kernel(params, config),
+                                         tokens[:, seq - k :], config.logits_chunk_size)
+        logprobs = jnp.where(mask[:, seq - k :], picked, 0.0)
+        return logprobs if num_scored is not None else jnp.pad(logprobs, ((0, 0), (1, 0)))
+
+    return score_fn
 
 
 def pack_sequences(

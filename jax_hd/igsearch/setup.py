@@ -95,8 +95,12 @@ def build_tokenizer(policy: ml_collections.ConfigDict, world: qa.QAWorld | None)
 
 def build_model_config(policy: ml_collections.ConfigDict, tokenizer: Any) -> qwen2.Qwen2Config:
     """The HF checkpoint's Qwen2 config, or the embedded tiny one (vocabulary padded to a multiple of 128 so the
-    vocabulary axis shards evenly). `policy.dtype` / `policy.remat` set activations dtype and remat when given."""
-    overrides: dict[str, Any] = {"remat": bool(policy.get("remat", False))}
+    vocabulary axis shards evenly). `policy.dtype` / `policy.remat` / `policy.logits_chunk_size` set the activations
+    dtype, remat and the log-prob chunking when given."""
+    overrides: dict[str, Any] = {
+        "remat": bool(policy.get("remat", False)),
+        "logits_chunk_size": int(policy.get("logits_chunk_size", 0)),
+    }
     if policy.get("dtype"):
         overrides["dtype"] = policy.dtype
     if policy.hf_dir:

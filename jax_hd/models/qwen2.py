@@ -44,7 +44,9 @@ _INIT_STDDEV = 0.02  # HF initializer_range
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """Model shape (HF `config.json` field names) plus JAX-side dtypes and remat."""
+    """Model shape (HF `config.json` field names) plus JAX-side fields: dtypes, remat and `logits_chunk_size`
+    (0: `token_logprobs` materialises `[batch, seq, vocab]` logits at once; n > 0: n positions at a time, so a
+    151k-token vocabulary never needs the full logits tensor in the forward or the backward pass)."""
 
     vocab_size: int
     hidden_size: int
@@ -59,6 +61,7 @@ class Qwen2Config:
     dtype: DType = jnp.float32  # activations
     param_dtype: DType = jnp.float32
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    logits_chunk_size: int = 0
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # jnp.float32, "bfloat16", ... -> np.dtype, so configs compare equal
@@ -72,6 +75,8 @@ class Qwen2Config:
             )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.logits_chunk_size < 0:
+            raise ValueError(f"logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
 
     @property
     def head_dim(self) -> int:
@@ -406,7 +411,13 @@ class Qwen2LM(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: Array, positions: Array, attention_mask: Array, cache: KVCache | None = None
+        self,
+        tokens: Array,
+        positions: Array,
+        attention_mask: Array,
+        cache: KVCache | None = None,
+        *,
+        return_hidden: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Logits for `tokens`, optionally appending them to `cache`.
 
@@ -417,8 +428,11 @@ class Qwen2LM(nn.Module):
           cache: None for a full-sequence forward (causal over the real tokens of `tokens`). Otherwise the
             tokens go to slots `[end, end + seq)` (the caller keeps `end + seq <= max_len`:
             `dynamic_update_slice` would clamp silently) and attend to every valid earlier slot.
+          return_hidden: return the final-norm hidden states `[batch, seq, hidden]` instead of the logits (score
+            them with `lm_head_kernel` + `token_logprobs`, which never holds the whole `[batch, seq, vocab]`).
         Returns:
-          logits `[batch, seq, vocab]` float32 and the cache with `end + seq` (None without a cache).
+          logits `[batch, seq, vocab]` float32 (or the hidden states) and the cache with `end + seq` (None without a
+          cache).
         """
         cfg = self.config
         seq = tokens.shape[1]
@@ -454,11 +468,59 @@ class Qwen2LM(nn.Module):
             init = nn.initializers.normal(_INIT_STDDEV)
             head = _param(self, "lm_head", init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
             equation = "bld,dv->blv"
-        logits = jnp.einsum(equation, x, head, preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is not None:
             cache = cache.replace(end=cache.end + seq)
+        if return_hidden:
+            return x, cache
+        logits = jnp.einsum(equation, x, head, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, cache
+
+
+def lm_head_kernel(params: Any, config: Qwen2Config) -> Array:
+    """The output projection `[hidden, vocab]` of (unboxed) `params`: the tied input embedding or `lm_head`."""
+    if config.tie_word_embeddings:
+        return jnp.asarray(params["embed_tokens"]["embedding"], config.dtype).T
+    return jnp.asarray(params["lm_head"], config.dtype)
+
+
+def token_logprobs(
+    hidden: Array, head: Array, targets: Array, chunk_size: int = 0, *, with_entropy: bool = False
+) -> tuple[Array, Array | None]:
+    """fp32 `log softmax(hidden @ head)[targets]` per position, and optionally the entropy of each position.
+
+    hidden: `[batch, len, hidden]` (the positions that predict `targets`); head: `[hidden, vocab]`; targets:
+    `[batch, len]` int. `chunk_size > 0` scores `chunk_size` positions at a time under `jax.checkpoint`, so neither
+    the forward nor the backward pass holds more than `[batch, chunk_size, vocab]` logits; 0 scores all at once.
+    Returns (log-probs `[batch, len]`, entropy `[batch, len]` or None).
+    """
+
+    def score(h: Array, t: Array) -> tuple[Array, Array]:
+        logits = jnp.einsum("bld,dv->blv", h, head, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_norm
+        if not with_entropy:
+            return picked, jnp.zeros_like(picked)
+        probs = jnp.exp(logits - log_norm[..., None])
+        return picked, log_norm - jnp.sum(probs * logits, axis=-1)
+
+    length = targets.shape[1]
+    if chunk_size <= 0 or chunk_size >= length:
+        logprobs, entropy = score(hidden, targets)
+    else:
+        num_chunks = -(-length // chunk_size)
+        pad = num_chunks * chunk_size - length
+        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        t = jnp.pad(targets, ((0, 0), (0, pad)))
+
+        def to_chunks(x: Array) -> Array:  # [b, n * c, ...] -> [n, b, c, ...]
+            return jnp.moveaxis(x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+        logprobs, entropy = jax.lax.map(lambda ht: jax.checkpoint(score)(*ht), (to_chunks(h), to_chunks(t)))
+        logprobs, entropy = (jnp.moveaxis(x, 0, 1).reshape(targets.shape[0], -1)[:, :length]
+                             for x in (logprobs, entropy))
+    return logprobs, entropy if with_entropy else None
 
 
 def init_params(config: Qwen2Config, rng: Array) -> Any:

@@ -380,3 +380,45 @@ def test_load_tokenizer_reads_a_local_directory(tmp_path):
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(str(tmp_path))
     assert hf_import.load_tokenizer(str(tmp_path))("hello world there")["input_ids"] == [1, 2, 0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_token_logprobs_match_full_logits(tied):
+    """`token_logprobs` over hidden states (any chunking, incl. a ragged last chunk) == log_softmax of the full
+    logits, for values, entropies and gradients."""
+    config = qwen2.Qwen2Config.tiny(tie_word_embeddings=tied)
+    params = _random_params(config, seed=11)
+    tokens = _tokens(MASK.shape, seed=12)
+    positions = qwen2.positions_from_mask(MASK)
+    model = qwen2.Qwen2LM(config)
+
+    def reference(p):
+        logits, _ = model.apply({"params": p}, tokens, positions, MASK)
+        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+        return picked, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+    def chunked(p, chunk):
+        hidden, _ = model.apply({"params": p}, tokens, positions, MASK, return_hidden=True)
+        return qwen2.token_logprobs(hidden[:, :-1], qwen2.lm_head_kernel(p, config), tokens[:, 1:], chunk,
+                                    with_entropy=True)
+
+    def objective(fn):
+        def weighted(p):
+            logprobs, entropy = fn(p)
+            return jnp.sum(logprobs) + 0.3 * jnp.sum(entropy)
+
+        return jax.jit(jax.value_and_grad(weighted))
+
+    want = jax.jit(reference)(params)
+    want_grad = objective(reference)(params)
+    for chunk in (0, 3, MASK.shape[1] - 1):
+        chex.assert_trees_all_close(jax.jit(functools.partial(chunked, chunk=chunk))(params), want, atol=2e-5)
+        chex.assert_trees_all_close(objective(functools.partial(chunked, chunk=chunk))(params), want_grad,
+                                    atol=2e-5, rtol=1e-4)
+    no_entropy = qwen2.token_logprobs(jnp.zeros((1, 2, config.hidden_size)), jnp.zeros((config.hidden_size, 5)),
+                                      jnp.zeros((1, 2), jnp.int32))
+    assert no_entropy[1] is None
+    np.testing.assert_allclose(no_entropy[0], np.full((1, 2), -np.log(5.0)), rtol=1e-6)
+    with pytest.raises(ValueError, match="logits_chunk_size"):
+        qwen2.Qwen2Config.tiny(logits_chunk_size=-1)

@@ -1,0 +1,1 @@
+"""OneSearch: semantic IDs, generative retrieval model, self-distillation, preference alignment."""

@@ -13,7 +13,12 @@ HF vs LAVIS (`lavis/models/blip2_models/Qformer.py`, used by SPRC): identical co
 `bert.embeddings.LayerNorm` + dropout; HF moves that LayerNorm into `Blip2QFormerModel.layernorm` and the
 word/position tables into a top-level `embeddings` module. LAVIS routes the feed-forward on
 `query_length > 0` as HF does. SPRC changed that routing to "an image is present", so in its image-less
-passes queries use the text feed-forward; we implement HF/LAVIS (a pass with queries but no image raises).
+passes queries use the text feed-forward. By default we implement HF/LAVIS (a pass with queries but no image
+raises); `allow_queries_without_image=True` runs such a pass (no cross-attention anywhere), with the query
+slots in the query feed-forward (`query_ffn="query"`) or, as SPRC does, in the text one (`query_ffn="text"`).
+`queries_after_cls=True` is SPRC's `no_img=True` embedding layout (its prompt-token pass):
+`[CLS, queries, text[1:]]` with position embeddings over the whole sequence (positions from 0, queries
+included), no image.
 
 Parameter tree:
 
@@ -202,6 +207,11 @@ class Layer(nn.Module):
 
     config: QFormerConfig
     layer_index: int
+    # Image-less passes (see `QFormer.__call__`): queries allowed without image features, where the query
+    # slots start, and which feed-forward they use ("query", or "text" as SPRC routes them).
+    queries_without_image: bool = False
+    query_start: int = 0
+    query_ffn: str = "query"
 
     @nn.compact
     def __call__(
@@ -218,19 +228,25 @@ class Layer(nn.Module):
         cross-attends), image_mask: `[batch, image_len]` bool. Returns the new `x`."""
         cfg = self.config
         x = Attention(cfg, name="attention")(x, x, mask, deterministic)
-        if num_queries == 0:
+        if num_queries == 0 or (image_features is None and self.query_ffn == "text"):
             return FeedForward(cfg, name="feed_forward")(x, deterministic)
-        queries = x[:, :num_queries]
+        start, stop = self.query_start, self.query_start + num_queries
+        queries = x[:, start:stop]
         if cfg.has_cross_attention(self.layer_index):
-            if image_features is None:
+            if image_features is not None:
+                queries = Attention(cfg, cross=True, name="crossattention")(
+                    queries, image_features, image_mask, deterministic
+                )
+            elif not self.queries_without_image:
                 raise ValueError(f"layer {self.layer_index} cross-attends: queries need image features")
-            queries = Attention(cfg, cross=True, name="crossattention")(
-                queries, image_features, image_mask, deterministic
-            )
         out = FeedForward(cfg, name="feed_forward_query")(queries, deterministic)
         if x.shape[1] > num_queries:
-            text = FeedForward(cfg, name="feed_forward")(x[:, num_queries:], deterministic)
-            out = jnp.concatenate([out, text], axis=1)
+            text = x[:, stop:] if start == 0 else jnp.concatenate([x[:, :start], x[:, stop:]], axis=1)
+            text = FeedForward(cfg, name="feed_forward")(text, deterministic)
+            if start == 0:
+                out = jnp.concatenate([out, text], axis=1)
+            else:
+                out = jnp.concatenate([text[:, :start], out, text[:, start:]], axis=1)
         return nn.with_logical_constraint(out, RESIDUAL_AXES)
 
 
@@ -249,6 +265,9 @@ class QFormer(nn.Module):
         image_attention_mask: Array | None = None,
         *,
         deterministic: bool = True,
+        allow_queries_without_image: bool = False,
+        query_ffn: str = "query",
+        queries_after_cls: bool = False,
     ) -> Array:
         """Hidden states of `[queries; text]` after the last layer.
 
@@ -266,10 +285,26 @@ class QFormer(nn.Module):
           image_features: `[batch, image_len, encoder_hidden_size]`, e.g. the ViT output.
           image_attention_mask: `[batch, image_len]`; default all ones.
           deterministic: False enables dropout (needs a `"dropout"` rng).
+          allow_queries_without_image: run a pass with queries but no `image_features` (no cross-attention
+            anywhere) instead of raising; SPRC's second query pass and prompt-token pass.
+          query_ffn: feed-forward of the query slots in such an image-less pass: "query" (their own, as with
+            an image) or "text" (SPRC's routing: every position uses the text feed-forward).
+          queries_after_cls: SPRC's `no_img=True` layout `[CLS, queries, text[1:]]`, position embeddings over
+            the whole sequence; needs `input_ids` and queries, no image (implies the flag above). The output
+            has that layout: `[batch, num_q + text_len, hidden]` with the `[CLS]` state at index 0.
         Returns:
           `[batch, num_q + text_len, hidden]` in `config.dtype`.
         """
         cfg = self.config
+        if query_ffn not in ("query", "text"):
+            raise ValueError(f"query_ffn must be 'query' or 'text', got {query_ffn!r}")
+        imageless = allow_queries_without_image or queries_after_cls
+        if query_ffn != "query" and not imageless:
+            raise ValueError("query_ffn routes image-less passes: it needs allow_queries_without_image=True")
+        if image_features is not None and imageless:
+            raise ValueError("allow_queries_without_image / queries_after_cls are for passes without image_features")
+        if queries_after_cls and (input_ids is None or query_tokens_override is None):
+            raise ValueError("queries_after_cls needs input_ids and query_tokens_override")
         query_tokens = vit.param(
             self, "query_tokens", nn.initializers.normal(_INIT_STDDEV), (cfg.num_query_tokens, cfg.hidden_size),
             (None, "embed"),
@@ -291,8 +326,12 @@ class QFormer(nn.Module):
         if input_ids is not None:
             if text_embeddings is None:
                 raise ValueError("input_ids given, but the config has use_qformer_text_input=False")
-            parts.append(text_embeddings(input_ids))
-            masks.append(_bool_mask(text_attention_mask, input_ids.shape))
+            text_mask = _bool_mask(text_attention_mask, input_ids.shape)
+            if queries_after_cls:  # one sequence [CLS, queries, text[1:]], the queries' mask all True
+                parts, masks = [text_embeddings(input_ids, query_tokens)], [text_mask[:, :1], *masks, text_mask[:, 1:]]
+            else:
+                parts.append(text_embeddings(input_ids))
+                masks.append(text_mask)
 
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         x = layer_norm(cfg, cfg.layer_norm_eps, "layernorm")(x)
@@ -307,8 +346,12 @@ class QFormer(nn.Module):
             image_mask = _bool_mask(image_attention_mask, image_features.shape[:2])
         # Static under remat: num_queries and deterministic (flax counts `self` as argument 0).
         layer_cls = nn.remat(Layer, static_argnums=(5, 6)) if cfg.remat else Layer
+        routing = {}
+        if imageless:  # only then, so the default passes build exactly the layers they always did
+            routing = dict(queries_without_image=True, query_start=int(queries_after_cls), query_ffn=query_ffn)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, i, name=f"layer_{i}")(x, mask, image_features, image_mask, num_queries, deterministic)
+            layer = layer_cls(cfg, i, name=f"layer_{i}", **routing)
+            x = layer(x, mask, image_features, image_mask, num_queries, deterministic)
         return x
 
 
@@ -321,9 +364,13 @@ class TextEmbeddings(nn.Module):
     config: QFormerConfig
 
     @nn.compact
-    def __call__(self, input_ids: Array) -> Array:
+    def __call__(self, input_ids: Array, queries_after_cls: Array | None = None) -> Array:
+        """queries_after_cls: `[batch, num_q, hidden]` inserted after `[CLS]` (SPRC's `no_img` layout), the
+        position embeddings then cover `[CLS, queries, text[1:]]`; output `[batch, num_q + text_len, hidden]`."""
         cfg = self.config
         text_len = input_ids.shape[1]
+        if queries_after_cls is not None:
+            text_len += queries_after_cls.shape[1]
         if text_len > cfg.max_position_embeddings:
             raise ValueError(f"text length {text_len} > max_position_embeddings {cfg.max_position_embeddings}")
 
@@ -334,6 +381,8 @@ class TextEmbeddings(nn.Module):
             )
 
         words = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
+        if queries_after_cls is not None:
+            words = jnp.concatenate([words[:, :1], queries_after_cls.astype(words.dtype), words[:, 1:]], axis=1)
         positions = embed(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(jnp.arange(text_len))
         return nn.with_logical_constraint(words + positions[None], RESIDUAL_AXES)
 

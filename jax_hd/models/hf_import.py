@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from jax_hd.models import bert, qformer, qwen2, vit
+from jax_hd.models import bart, bert, qformer, qwen2, vit
 
 Path = tuple[str, ...]  # a Flax leaf's key path, e.g. ("layers_0", "self_attn", "q_proj", "kernel")
 Index = tuple[slice, ...]
@@ -996,3 +996,154 @@ def save_blip2(
     hf_config = blip2_hf_config(vision_config, qformer_config, image_text_hidden_size, dtype)
     tensors = _blip2_hf_tensors(vision_config, vision_params, qformer_config, qformer_params, heads)
     write_checkpoint(hf_dir, hf_config, tensors, dtype, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BART / mBART: `(M)BartForConditionalGeneration` checkpoints (`model.`-prefixed) or bare `(M)BartModel` ones.
+#
+# The token embeddings are one tensor (`model.shared.weight`, tied to both `embed_tokens` and `lm_head`);
+# older exports that also store the tied copies have them ignored, and exports that kept only a tied copy
+# are read from it. A missing `final_logits_bias` (HF's `_keys_to_ignore_on_load_missing`) loads as zeros.
+
+_BART_TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _bart_linear(flax_path: Path, hf_name: str, out_groups: int = 1, in_groups: int = 1) -> dict[Path, TensorMap]:
+    """A torch `nn.Linear` `weight [out, in]` / `bias [out]` as a Flax kernel `[*in, *out]` / bias `[*out]`."""
+    return {
+        (*flax_path, "kernel"): TensorMap(f"{hf_name}.weight", (1, 0), (in_groups, out_groups)),
+        (*flax_path, "bias"): TensorMap(f"{hf_name}.bias", (), (out_groups,)),
+    }
+
+
+def bart_tensor_maps(
+    config: bart.BartConfig, prefix: str = "model.", shared_name: str | None = None
+) -> dict[Path, TensorMap]:
+    """Flax path -> HF tensor for `(M)BartForConditionalGeneration` (see `bart.py` for the Flax layouts).
+
+    prefix: `"model."` (`*ForConditionalGeneration`) or `""` (a bare `BartModel`, which has no
+    `final_logits_bias`). shared_name: the HF tensor holding the token embeddings (default `{prefix}shared.weight`).
+    """
+    maps: dict[Path, TensorMap] = {("shared", "embedding"): TensorMap(shared_name or f"{prefix}shared.weight")}
+    if prefix:
+        maps[("final_logits_bias",)] = _LeadingOnesMap("final_logits_bias", ones=1)
+    for stack, num_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        hf_stack = f"{prefix}{stack}"
+        maps[(stack, "embed_positions", "embedding")] = TensorMap(f"{hf_stack}.embed_positions.weight")
+        norms = ["layernorm_embedding"] + (["layer_norm"] if config.normalize_before else [])
+        for norm in norms:
+            maps |= _blip2_layer_norm((stack, norm), f"{hf_stack}.{norm}")
+        attentions = ["self_attn"] + (["encoder_attn"] if stack == "decoder" else [])
+        for i in range(num_layers):
+            flax_layer, hf_layer = (stack, f"layers_{i}"), f"{hf_stack}.layers.{i}"
+            for attn in attentions:
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    maps |= _bart_linear((*flax_layer, attn, proj), f"{hf_layer}.{attn}.{proj}", out_groups=2)
+                maps |= _bart_linear((*flax_layer, attn, "out_proj"), f"{hf_layer}.{attn}.out_proj", in_groups=2)
+                maps |= _blip2_layer_norm((*flax_layer, f"{attn}_layer_norm"), f"{hf_layer}.{attn}_layer_norm")
+            for fc in ("fc1", "fc2"):
+                maps |= _bart_linear((*flax_layer, fc), f"{hf_layer}.{fc}")
+            maps |= _blip2_layer_norm((*flax_layer, "final_layer_norm"), f"{hf_layer}.final_layer_norm")
+    return maps
+
+
+def bart_param_shapes(config: bart.BartConfig) -> dict[Path, tuple[int, ...]]:
+    """Flax param shapes by path, from an abstract init (no memory)."""
+    abstract = jax.eval_shape(functools.partial(bart.init_params, config), jax.random.key(0))
+    return {path: tuple(x.shape) for path, x in _flat(nn.unbox(abstract)).items()}
+
+
+def _bart_layout(names: list[str], hf_dir: str) -> tuple[str, str]:
+    """`(prefix, shared tensor name)` of a BART checkpoint from its tensor names."""
+    present = set(names)
+    for prefix in ("model.", ""):
+        candidates = [f"{prefix}shared.weight"] + [f"{prefix}{name}" for name in _BART_TIED_COPIES]
+        candidates += ["lm_head.weight"] if prefix else []
+        found = [name for name in candidates if name in present]
+        if found and any(n.startswith(f"{prefix}encoder.") for n in present):
+            return prefix, found[0]
+    raise ValueError(
+        f"checkpoint {hf_dir} has no BART embeddings: expected 'model.shared.weight' or 'shared.weight' "
+        f"(or a tied copy) next to the encoder's tensors, among its {len(present)} tensors"
+    )
+
+
+def _bart_ignored(prefix: str, shared_name: str) -> Callable[[str], bool]:
+    """Tied copies of the token embeddings and HF's ignorable `*.version` buffers."""
+    tied = {f"{prefix}shared.weight", "lm_head.weight"} | {f"{prefix}{name}" for name in _BART_TIED_COPIES}
+
+    def ignore(name: str) -> bool:
+        return (name in tied and name != shared_name) or name.endswith(("encoder.version", "decoder.version"))
+
+    return ignore
+
+
+def read_bart_config(hf_dir: str, **overrides: Any) -> bart.BartConfig:
+    """`BartConfig` from `hf_dir/config.json`; `overrides` set JAX-side fields (dtype, param_dtype)."""
+    return bart.BartConfig.from_hf_dict(_read_json(os.path.join(hf_dir, CONFIG_FILE)), **overrides)
+
+
+def load_bart(
+    hf_dir: str, *, dtype: Any = None, shardings: Any = None, **config_overrides: Any
+) -> tuple[bart.BartConfig, dict[str, Any]]:
+    """Reads a HF BART / mBART checkpoint directory (config.json + safetensors, no torch) into Flax params.
+
+    Args:
+      hf_dir: directory with `config.json` and `model.safetensors` or shards + `model.safetensors.index.json`
+        (`(M)BartForConditionalGeneration.save_pretrained`, or a bare `(M)BartModel`'s).
+      dtype: dtype of the loaded params (default: the checkpoint's `torch_dtype`); becomes `param_dtype`.
+      shardings: optional tree of `jax.sharding.Sharding` matching the params, e.g.
+        `sharding.logical_shardings(jax.eval_shape(functools.partial(bart.init_params, config), rng), mesh)`.
+        Each tensor is then assembled with `jax.make_array_from_callback`, reading only local slices.
+      **config_overrides: JAX-side `BartConfig` fields, e.g. `dtype=jnp.bfloat16` (activations).
+    Returns:
+      `(config, params)`, params the `"params"` collection of `bart.Bart` (plain nested dict).
+    Raises:
+      ValueError naming each missing, wrongly-shaped or unexpected tensor.
+    """
+    if "param_dtype" in config_overrides:
+        raise TypeError("load_bart: pass the params' dtype as dtype=, not param_dtype=")
+    hf_config = _read_json(os.path.join(hf_dir, CONFIG_FILE))
+    dtype = jnp.dtype(dtype or _dtype_from_hf(hf_config))
+    config = bart.BartConfig.from_hf_dict(hf_config, param_dtype=dtype, **config_overrides)
+    shapes = bart_param_shapes(config)
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = _flat(shardings)
+        _check_same_paths("shardings", flat_shardings, shapes)
+    with SafetensorsDir(hf_dir) as reader:
+        prefix, shared_name = _bart_layout(reader.names(), hf_dir)
+        maps = bart_tensor_maps(config, prefix, shared_name)
+        bias_path = ("final_logits_bias",)
+        _check_same_paths("bart_tensor_maps", {bias_path: None, **maps}, shapes)
+        if bias_path in maps and maps[bias_path].hf_name not in reader.names():
+            del maps[bias_path]  # HF's `_keys_to_ignore_on_load_missing`: zeros
+        read_shapes = {path: shapes[path] for path in maps}
+        check_tensors(reader, maps, read_shapes, ignore=_bart_ignored(prefix, shared_name))
+        flat = read_tensors(reader, maps, read_shapes, dtype, flat_shardings)
+    if bias_path not in flat:
+        zeros = np.zeros(shapes[bias_path], dtype)
+        flat[bias_path] = (
+            jnp.asarray(zeros) if flat_shardings is None else jax.device_put(zeros, flat_shardings[bias_path])
+        )
+    return config, traverse_util.unflatten_dict(flat)
+
+
+def save_bart(
+    hf_dir: str,
+    config: bart.BartConfig,
+    params: Any,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes `params` (possibly sharded, boxed, or under a `"params"` key) as a HF
+    `(M)BartForConditionalGeneration` checkpoint (`model.shared.weight` holds the tied embeddings).
+
+    `dtype`: tensor dtype on disk (default `config.param_dtype`). Call it on every process; process 0 writes.
+    The result loads with `transformers.BartForConditionalGeneration.from_pretrained(hf_dir)` (mBART:
+    `MBartForConditionalGeneration`).
+    """
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    tensors = _model_tensors(params, bart_tensor_maps(config), bart_param_shapes(config))
+    write_checkpoint(hf_dir, config.to_hf_dict(torch_dtype=dtype), tensors, dtype, max_shard_bytes)

@@ -219,6 +219,7 @@ def runs(tmp_path_factory, python, subprocess_env, repo_root):
         f"--workdir={killed}",
         f"--config.jax_cache_dir={cache_dir}",
     ]
+    start = time.monotonic()
     victim = subprocess.Popen(
         command, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

@@ -1,0 +1,176 @@
+"""Presets of OneSearch SFT (`experiments/onesearch.py`, `jax_hd.onesearch.trainer`).
+
+    python -m experiments.onesearch --config=experiments/configs/onesearch.py:cpu_demo --workdir=runs/onesearch_demo
+
+Presets: `cpu_test` (seconds; tests: a 300-item world, hashed embeddings, a 1+1-layer BART), `cpu_demo` (the
+embedded simulated world, 20k items, real MiniLM embeddings for the SIDs, BART 2+2 layers d=128, a few hundred
+steps per SFT stage; <= ~10 minutes on 2 CPU cores), `bart_base_paper` (BART-base 6+6 d=768, spec §1.4's
+4096-1024-512 + OPQ 2x256 codebooks, beam 512; accelerator scale).
+"""
+
+import ml_collections
+
+
+def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+    c.distributed = ml_collections.ConfigDict(
+        dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1)
+    )
+    # Simulated world and example budgets. max_long: long behaviour sequence cap (spec: up to ~1e3);
+    # max_examples: per-stage cap (stage 3: + half as many sliding-window samples).
+    c.data = ml_collections.ConfigDict(
+        dict(
+            num_items=20_000,
+            num_users=5_000,
+            num_sessions=50_000,
+            num_intents=4_000,
+            bpe_vocab_size=2_000,
+            max_long=50,
+            sliding_window=True,
+            max_examples=20_000,
+        )
+    )
+    # Semantic IDs (spec §1.4). embedder: "minilm" (real all-MiniLM-L6-v2, cached in <workdir>/cache) or "hashed".
+    # uid_mode: "code_average" (spec §1.5 formula) or "centroid" (SID of the weighted mean embedding).
+    c.sid = ml_collections.ConfigDict(
+        dict(
+            embedder="minilm",
+            embed_dim=384,
+            rq_sizes=(256, 64, 32),
+            opq_codebook_size=256,
+            opq_subspaces=2,
+            use_opq=True,
+            last_level_mode="per_parent_l2",
+            kmeans_iters=20,
+            opq_iters=6,
+            uid_mode="code_average",
+        )
+    )
+    c.layout = ml_collections.ConfigDict(
+        dict(
+            max_query_tokens=12,
+            max_recent=5,
+            recent_query_tokens=3,
+            num_memory=3,
+            max_task_tokens=24,
+            max_target_tokens=16,
+        )
+    )
+    c.model = ml_collections.ConfigDict(
+        dict(
+            backbone="bart",
+            d_model=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            heads=4,
+            ffn_dim=512,
+            dropout=0.1,
+            qformer_layers=1,
+            qformer_heads=4,
+            qformer_hidden=128,
+        )
+    )
+    c.trainer = ml_collections.ConfigDict(
+        dict(
+            batch_size=32,
+            lr=2e-3,
+            warmup_steps=30,
+            weight_decay=0.01,
+            grad_clip_norm=1.0,
+            stage1_steps=150,
+            stage2_steps=100,
+            stage3_steps=250,
+            log_every=20,
+            checkpoint_every=50,
+            keep_checkpoints=2,
+            async_checkpoint=True,
+        )
+    )
+    # num_beams: constrained beam width (paper 512); max_pairs: click / order test pairs each;
+    # unconstrained_pairs: requests decoded without the prefix tree for the valid-ID rate;
+    # long_tail_max_count: a query with at most this many train sessions is long-tail.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            num_beams=20,
+            top_k=10,
+            max_pairs=300,
+            batch_size=64,
+            unconstrained_pairs=128,
+            long_tail_max_count=3,
+            leave_one_out_users=128,
+        )
+    )
+
+    if preset == "cpu_test":
+        c.data.update(
+            num_items=300,
+            num_users=60,
+            num_sessions=900,
+            num_intents=80,
+            bpe_vocab_size=300,
+            max_long=8,
+            max_examples=512,
+        )
+        c.sid.update(
+            embedder="hashed", embed_dim=32, rq_sizes=(8, 4, 4), opq_codebook_size=8, kmeans_iters=4, opq_iters=2
+        )
+        c.layout.update(
+            max_query_tokens=6, max_recent=3, recent_query_tokens=2, max_task_tokens=12, max_target_tokens=8
+        )
+        c.model.update(
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            heads=2,
+            ffn_dim=64,
+            dropout=0.0,
+            qformer_hidden=32,
+            qformer_heads=2,
+        )
+        c.trainer.update(
+            batch_size=16,
+            warmup_steps=2,
+            stage1_steps=4,
+            stage2_steps=3,
+            stage3_steps=4,
+            log_every=2,
+            checkpoint_every=2,
+            async_checkpoint=False,
+        )
+        c.eval.update(num_beams=4, max_pairs=24, batch_size=8, unconstrained_pairs=8, leave_one_out_users=8)
+    elif preset == "cpu_demo":
+        pass
+    elif preset == "bart_base_paper":
+        c.sid.update(rq_sizes=(4096, 1024, 512), opq_codebook_size=256, kmeans_iters=25, opq_iters=10)
+        c.data.update(max_long=1000, max_examples=10_000_000, bpe_vocab_size=50_000)
+        c.model.update(
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            heads=12,
+            ffn_dim=3072,
+            dropout=0.1,
+            qformer_layers=2,
+            qformer_heads=12,
+            qformer_hidden=768,
+        )
+        c.trainer.update(
+            batch_size=1024,
+            lr=3e-4,
+            warmup_steps=2000,
+            stage1_steps=50_000,
+            stage2_steps=50_000,
+            stage3_steps=200_000,
+            checkpoint_every=2000,
+            log_every=100,
+        )
+        c.eval.update(
+            num_beams=512, top_k=350, max_pairs=30_000, batch_size=32, unconstrained_pairs=4096, leave_one_out_users=0
+        )
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose cpu_test, cpu_demo or bart_base_paper")
+    return c

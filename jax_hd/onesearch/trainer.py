@@ -1,0 +1,971 @@
+"""OneSearch multi-stage SFT (spec onesearch.md §1.7) on the simulated world (or any `SimulatedWorld`-shaped data).
+
+Pipeline (`prepare` builds everything on the host, deterministically per seed):
+
+1. texts -> embeddings: items' titles and the log's distinct queries, with the real all-MiniLM-L6-v2
+   (`sid.embedder="minilm"`, cached in the workdir) or a hashed bag of words / character trigrams
+   (`"hashed"`, tests); queries and items share one RQ-OPQ tokenizer (`semantic_ids.fit_transform` on their union).
+2. text tokenizer: a small byte-level BPE trained locally on titles, queries and category names
+   (`data.tokenizer.train_bpe_tokenizer`; no hub download), extended by `model.Vocab` with special, task, profile and
+   SID tokens.
+3. stage data, each example a prompt `[L_in]`, labels `[L_out]` and (stage 3) the long behaviour sequences
+   `[3, max_long]` (entity ids: items, then queries offset by `num_items`; -1 padded):
+   * stage 1, semantic alignment: query -> SID_q, SID_q -> query, title -> SID_i, SID_i -> title,
+     query/title -> category path, SID_i -> category path;
+   * stage 2, co-occurrence: query <-> clicked title, SID_q <-> SID_i of train clicks;
+   * stage 3, personalisation: `model.build_input` for every (train session, clicked item) with the session's
+     earlier context (`catalog.recent_context`), + sliding-window samples over users' train click sequences.
+   The 9 long-sequence vectors (per-level RQ centroid sums of the click / order / search streams; the search
+   stream, RSU in the paper, is taken to be the user's earlier queries quantised by the same codebooks) are summed
+   per batch on the host (`long_memory`).
+4. `train`: the three stages in order, each its own orbax run under `<workdir>/stage<k>/` (resumable; a finished
+   stage is skipped), a fresh optimizer per stage, evaluation (`evaluate.evaluate_pairs`) after each stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from jax_hd.core import checkpoint, metrics, sharding, train_state
+from jax_hd.core import config as config_lib
+from jax_hd.data import catalog as catalog_lib
+from jax_hd.data.tokenizer import train_bpe_tokenizer
+from jax_hd.decoding import prefix_tree as pt
+from jax_hd.models import bart, qformer, qwen2
+from jax_hd.onesearch import evaluate, semantic_ids
+from jax_hd.onesearch import model as model_lib
+
+STAGES = ("stage1", "stage2", "stage3")
+F = config_lib.Field
+SCHEMA = {
+    "seed": F(int, low=0),
+    "mesh.data": F(int, low=-1),
+    "mesh.fsdp": F(int, low=-1),
+    "mesh.tensor": F(int, low=-1),
+    "distributed.mode": F(str, choices=("auto", "always", "never")),
+    "data.num_items": F(int, positive=True),
+    "data.num_users": F(int, positive=True),
+    "data.num_sessions": F(int, positive=True),
+    "data.num_intents": F(int, positive=True),
+    "data.bpe_vocab_size": F(int, low=260),
+    "data.max_long": F(int, positive=True),
+    "data.sliding_window": F(bool),
+    "data.max_examples": F(int, positive=True),
+    "sid.embedder": F(str, choices=("minilm", "hashed")),
+    "sid.embed_dim": F(int, positive=True),
+    "sid.rq_sizes": F((tuple, list)),
+    "sid.opq_codebook_size": F(int, low=2),
+    "sid.opq_subspaces": F(int, positive=True),
+    "sid.use_opq": F(bool),
+    "sid.last_level_mode": F(str, choices=semantic_ids.LAST_LEVEL_MODES),
+    "sid.kmeans_iters": F(int, positive=True),
+    "sid.opq_iters": F(int, positive=True),
+    "sid.uid_mode": F(str, choices=model_lib.UID_MODES),
+    "layout.max_query_tokens": F(int, positive=True),
+    "layout.max_recent": F(int, low=0),
+    "layout.recent_query_tokens": F(int, low=0),
+    "layout.num_memory": F(int, positive=True),
+    "layout.max_task_tokens": F(int, positive=True),
+    "layout.max_target_tokens": F(int, low=2),
+    "model.backbone": F(str, choices=model_lib.BACKBONES),
+    "model.d_model": F(int, positive=True),
+    "model.encoder_layers": F(int, positive=True),
+    "model.decoder_layers": F(int, positive=True),
+    "model.heads": F(int, positive=True),
+    "model.ffn_dim": F(int, positive=True),
+    "model.dropout": F(float, low=0.0, high=1.0),
+    "model.qformer_layers": F(int, positive=True),
+    "model.qformer_heads": F(int, positive=True),
+    "model.qformer_hidden": F(int, positive=True),
+    "trainer.batch_size": F(int, positive=True),
+    "trainer.lr": F(float, positive=True),
+    "trainer.warmup_steps": F(int, low=0),
+    "trainer.weight_decay": F(float, low=0.0),
+    "trainer.grad_clip_norm": F(float, positive=True),
+    "trainer.stage1_steps": F(int, positive=True),
+    "trainer.stage2_steps": F(int, positive=True),
+    "trainer.stage3_steps": F(int, positive=True),
+    "trainer.log_every": F(int, positive=True),
+    "trainer.checkpoint_every": F(int, positive=True),
+    "trainer.keep_checkpoints": F(int, positive=True),
+    "trainer.async_checkpoint": F(bool),
+    "eval.num_beams": F(int, positive=True),
+    "eval.top_k": F(int, positive=True),
+    "eval.max_pairs": F(int, positive=True),
+    "eval.batch_size": F(int, positive=True),
+    "eval.unconstrained_pairs": F(int, low=0),
+    "eval.long_tail_max_count": F(int, low=0),
+    "eval.leave_one_out_users": F(int, low=0),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    config_lib.validate(config, SCHEMA)
+    if config.eval.top_k > config.eval.num_beams * 64:
+        raise config_lib.ConfigError(f"config.eval.top_k={config.eval.top_k} is far beyond the beam width")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embeddings and tokenizers.
+
+
+def hashed_embeddings(texts: Sequence[str], dim: int, seed: int = 0) -> np.ndarray:
+    """Deterministic lexical embeddings `[n, dim]` float32: signed hashes of words and character trigrams, L2-normed."""
+    out = np.zeros((len(texts), dim), np.float32)
+    for i, text in enumerate(texts):
+        for word in text.lower().replace(",", " ").split():
+            grams = [word] + [word[j : j + 3] for j in range(max(1, len(word) - 2))]
+            for g in grams:
+                h = zlib.crc32(f"{seed}:{g}".encode())
+                out[i, h % dim] += 1.0 if (h >> 16) & 1 else -1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+
+
+def embed_texts(texts: Sequence[str], config: ml_collections.ConfigDict, cache_dir: str | None) -> np.ndarray:
+    """`[n, d]` embeddings of `texts` with `config.sid.embedder`; MiniLM results are cached as `.npy` in `cache_dir`."""
+    if config.sid.embedder == "hashed":
+        return hashed_embeddings(texts, config.sid.embed_dim, config.seed)
+    digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"minilm_{digest}.npy") if cache_dir else None
+    if path and os.path.exists(path):
+        return np.load(path)
+    from jax_hd.retrieval.dense import Encoder
+
+    x = np.asarray(Encoder.minilm().encode(list(texts)), np.float32)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.save(path, x)
+    return x
+
+
+def sid_config(config: ml_collections.ConfigDict) -> semantic_ids.SemanticIDConfig:
+    s = config.sid
+    return semantic_ids.SemanticIDConfig(
+        rq_sizes=tuple(s.rq_sizes),
+        last_level_mode=s.last_level_mode,
+        use_opq=s.use_opq,
+        opq_subspaces=s.opq_subspaces,
+        opq_codebook_size=s.opq_codebook_size,
+        opq_iters=s.opq_iters,
+        kmeans_iters=s.kmeans_iters,
+        opq_kmeans_iters=max(2, s.kmeans_iters // 2),
+        seed=config.seed,
+    )
+
+
+def centroid_rows(
+    sid_model: semantic_ids.SemanticIDModel, codes: np.ndarray
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Per RQ level, the centroid table `[k_l, d]` and each row's centroid index `[n, num_rq]` (RQ part only, spec
+    §1.5: the long sequence uses no OPQ codes). A per-parent last level indexes the stacked parent centroids."""
+    cfg = sid_model.config
+    tables, rows = [], []
+    for level in range(cfg.num_rq_levels):
+        if level == cfg.num_rq_levels - 1 and sid_model.parent_books is not None:
+            books = sid_model.parent_books
+            if cfg.last_level_mode == "per_parent_l2":
+                key = codes[:, level - 1].astype(np.int64)
+            else:
+                key = codes[:, level - 2].astype(np.int64) * cfg.rq_sizes[level - 1] + codes[:, level - 1]
+            slot = np.clip(np.searchsorted(books.keys, key), 0, len(books.keys) - 1)
+            tables.append(np.asarray(books.centroids, np.float32))
+            rows.append(books.offsets[slot] + codes[:, level])
+        else:
+            tables.append(np.asarray(sid_model.rq_codebooks[level], np.float32))
+            rows.append(codes[:, level].astype(np.int64))
+    return tuple(tables), np.stack(rows, axis=1).astype(np.int32)
+
+
+def long_memory(tables: Sequence[np.ndarray], entity_rows: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+    """The 9 long-sequence vectors: `sequences [b, S, n]` entity ids (-1 pad) -> `[b, S * R, d]` float32, row
+    `s * R + l` = sum over stream s of the level-l centroids (R RQ levels)."""
+    valid = (sequences >= 0)[..., None].astype(np.float32)
+    rows = entity_rows[np.maximum(sequences, 0)]  # [b, S, n, R]
+    sums = [(table[rows[..., level]] * valid).sum(axis=2) for level, table in enumerate(tables)]  # [b, S, d] each
+    return np.stack(sums, axis=2).reshape(sequences.shape[0], -1, tables[0].shape[1]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+    """input_ids `[n, L_in]` int32 (right-padded), labels `[n, L_out]` int32 (pad 0), long `[n, 3, max_long]` int32
+    entity ids (-1 pad), targets `[n]` int32 item rows (-1: not an item target), queries `[n]` str."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    long: np.ndarray
+    targets: np.ndarray
+    queries: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def select(self, rows: np.ndarray) -> Examples:
+        return Examples(
+            self.input_ids[rows], self.labels[rows], self.long[rows], self.targets[rows], self.queries[rows]
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class Setup:
+    """Everything `prepare` builds on the host."""
+
+    config: ml_collections.ConfigDict
+    world: catalog_lib.SimulatedWorld
+    vocab: model_lib.Vocab
+    layout: model_lib.LayoutConfig
+    model_config: model_lib.OneSearchConfig
+    sid_model: semantic_ids.SemanticIDModel
+    item_codes: np.ndarray
+    query_codes: np.ndarray
+    query_row: dict[str, int]
+    tables: tuple[np.ndarray, ...]
+    entity_rows: np.ndarray
+    tree: pt.PrefixTree
+    collisions: semantic_ids.CollisionTable
+    item_clicks: np.ndarray
+    stages: dict[str, Examples]
+    eval_sets: dict[str, Examples]
+    eval_slices: dict[str, dict[str, np.ndarray]]
+    popularity: dict[str, np.ndarray]
+    loo: dict[str, np.ndarray] | None
+    info: dict[str, Any]
+    cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_length(self) -> int:
+        return self.stages["stage1"].input_ids.shape[1]
+
+
+class _Tokens:
+    """Cached BPE ids of strings."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, list[int]] = {}
+
+    def warm(self, texts: Sequence[str]) -> None:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if todo:
+            for t, ids in zip(todo, self.tokenizer(todo, add_special_tokens=False)["input_ids"], strict=True):
+                self.cache[t] = list(ids)
+
+    def __call__(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.warm([text])
+        return self.cache[text]
+
+
+def build_model_config(
+    config: ml_collections.ConfigDict, vocab: model_lib.Vocab, memory_dim: int, input_len: int
+) -> model_lib.OneSearchConfig:
+    """The generator's config from `config.model` / `config.layout` and the vocabulary."""
+    m = config.model
+    qf = qformer.QFormerConfig(
+        vocab_size=8,
+        hidden_size=m.qformer_hidden,
+        num_hidden_layers=m.qformer_layers,
+        num_attention_heads=m.qformer_heads,
+        intermediate_size=2 * m.qformer_hidden,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=8,
+        cross_attention_frequency=1,
+        encoder_hidden_size=memory_dim,
+        num_query_tokens=config.layout.num_memory,
+    )
+    common = dict(
+        backbone=m.backbone,
+        qformer=qf,
+        mem_token_id=vocab.special("[MEM]"),
+        decoder_start_token_id=vocab.special("[DEC]"),
+        pad_token_id=vocab.pad_id,
+        num_memory_vectors=3 * len(config.sid.rq_sizes),
+    )
+    max_len = max(64, input_len + 2 * config.layout.max_target_tokens)
+    if m.backbone == "bart":
+        b = bart.BartConfig(
+            vocab_size=vocab.vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers,
+            decoder_layers=m.decoder_layers, encoder_attention_heads=m.heads, decoder_attention_heads=m.heads,
+            encoder_ffn_dim=m.ffn_dim, decoder_ffn_dim=m.ffn_dim, max_position_embeddings=max_len,
+            pad_token_id=vocab.pad_id, bos_token_id=vocab.special("[BOS]"), eos_token_id=vocab.special("[EOS]"),
+            decoder_start_token_id=vocab.special("[DEC]"), dropout=m.dropout,
+        )  # fmt: skip
+        return model_lib.OneSearchConfig(bart=b, **common)
+    q = qwen2.Qwen2Config(
+        vocab_size=vocab.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
+        num_hidden_layers=m.encoder_layers + m.decoder_layers, num_attention_heads=m.heads,
+        num_key_value_heads=m.heads, rope_theta=10000.0, max_position_embeddings=max_len, tie_word_embeddings=True,
+    )  # fmt: skip
+    return model_lib.OneSearchConfig(qwen2=q, **common)
+
+
+def _user_sessions(log: catalog_lib.QueryLog, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sessions grouped by user (`users [sessions]` int rows) in time order: (order `[sessions]`, offsets)."""
+    order = np.lexsort((np.arange(len(log)), log.timestamps, users))
+    counts = np.bincount(users, minlength=int(users.max(initial=-1)) + 1)
+    return order, np.concatenate([[0], np.cumsum(counts)])
+
+
+def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> Setup:
+    """Builds the world, SIDs, tokenizer, vocabulary and every stage's / evaluation set's examples."""
+    t0 = time.time()
+    d, lay = config.data, config.layout
+    world = catalog_lib.simulated_world(
+        config.seed, num_items=d.num_items, num_users=d.num_users, num_sessions=d.num_sessions,
+        num_intents=d.num_intents,
+    )  # fmt: skip
+    cat, log = world.catalog, world.log
+    n_items = len(cat)
+    queries = sorted(set(log.queries.tolist()))
+    query_row = {q: i for i, q in enumerate(queries)}
+
+    # 1. SIDs over items + queries (shared codebooks).
+    titles = cat.titles.tolist()
+    embeddings = embed_texts(titles + queries, config, cache_dir)
+    sid_model, codes = semantic_ids.fit_transform(embeddings, sid_config(config))
+    item_codes, query_codes = codes[:n_items], codes[n_items:]
+    tables, entity_rows = centroid_rows(sid_model, codes)
+    stats = semantic_ids.codebook_stats(item_codes, sid_model.level_sizes, num_rq_levels=len(config.sid.rq_sizes))
+
+    # 2. Tokenizer and vocabulary.
+    cat_texts = [" > ".join(c for c in row if c) for row in cat.category_paths.tolist()]
+    tokenizer = train_bpe_tokenizer(titles + queries + cat_texts, vocab_size=d.bpe_vocab_size, extra_tokens=())
+    tokens = _Tokens(tokenizer)
+    tokens.warm(titles + queries + sorted(set(cat_texts)))
+    profile_values = tuple(
+        sorted({f"gender:{g}" for g in world.users.genders.tolist()} | {f"age:{a}" for a in world.users.age_buckets})
+    )
+    vocab = model_lib.Vocab(len(tokenizer), sid_model.level_sizes, sid_model.level_offsets, profile_values)
+    layout = model_lib.LayoutConfig(
+        max_query_tokens=lay.max_query_tokens, max_recent=lay.max_recent, recent_query_tokens=lay.recent_query_tokens,
+        num_memory=lay.num_memory, max_task_tokens=lay.max_task_tokens, max_target_tokens=lay.max_target_tokens,
+    )  # fmt: skip
+    input_len = layout.input_length(vocab.num_levels)
+    model_config = build_model_config(config, vocab, embeddings.shape[1], input_len)
+
+    # Statistics from the train split: clicks per item, per (query, item).
+    train = log.split("train")
+    sess = train.impression_session
+    clicked = train.clicked
+    item_clicks = np.bincount(train.impressed_items[clicked], minlength=n_items).astype(np.int64)
+    q_of_click = np.asarray([query_row[q] for q in train.queries[sess[clicked]].tolist()], np.int64)
+    pair = q_of_click * n_items + train.impressed_items[clicked]
+    uniq_pair, pair_counts = np.unique(pair, return_counts=True)
+    query_clicks: dict[int, list[int]] = {}
+    ranked_pairs = sorted(
+        zip(uniq_pair.tolist(), pair_counts.tolist(), strict=True), key=lambda x: (x[0] // n_items, -x[1])
+    )
+    for p, _ in ranked_pairs:
+        query_clicks.setdefault(p // n_items, []).append(p % n_items)
+    global_top = np.argsort(-item_clicks, kind="stable")[: max(lay.max_recent, 1)].tolist()
+    query_train_count = np.bincount([query_row[q] for q in train.queries.tolist()], minlength=len(queries))
+
+    def fallback(query: str) -> list[int]:
+        """Cold users: items most clicked for the query (spec §1.5), else globally."""
+        return (query_clicks.get(query_row[query], []) + global_top)[: max(lay.max_recent, 1)]
+
+    # Behaviour context per session and per history event.
+    history = catalog_lib.history_from_log(log)
+    user_of = history.row_of
+    profile_row = world.users.row_of
+    session_users = np.asarray([user_of.get(u, -1) for u in log.user_ids.tolist()])
+    order, offsets = _user_sessions(log, np.maximum(session_users, 0))
+    sess_times = log.timestamps[order]
+    encode_fn = functools.partial(semantic_ids.encode, sid_model)
+
+    def context_example(user_id: str, t: int, query: str, recent: list[int], recent_q: list[str], long_slice: slice):
+        """(prompt ids, long entity ids [3, max_long]) for a request at time t."""
+        h_items = history.items[long_slice][-d.max_long :]
+        h_actions = history.actions[long_slice][-d.max_long :]
+        u = user_of.get(user_id, -1)
+        searches: list[int] = []
+        if u >= 0:
+            lo, hi = offsets[u], offsets[u + 1]
+            end = lo + int(np.searchsorted(sess_times[lo:hi], t, side="left"))
+            searches = [n_items + query_row[q] for q in log.queries[order[max(lo, end - d.max_long) : end]].tolist()]
+        long = np.full((3, d.max_long), -1, np.int32)
+        long[0, : len(h_items)] = h_items
+        orders = h_items[h_actions == catalog_lib.ACTION_ORDER]
+        long[1, : len(orders)] = orders
+        long[2, : len(searches)] = searches
+        short = recent if recent else fallback(query)
+        long_items = h_items.tolist() if len(h_items) else short
+        if config.sid.uid_mode == "centroid":
+            uid = model_lib.behaviour_uid(
+                item_codes[short], item_codes[long_items], mode="centroid", encode_fn=encode_fn,
+                short_embeddings=embeddings[short], long_embeddings=embeddings[long_items],
+            )  # fmt: skip
+        else:
+            uid = model_lib.behaviour_uid(item_codes[short], item_codes[long_items])
+        p = profile_row.get(user_id)
+        profile = [] if p is None else [f"gender:{world.users.genders[p]}", f"age:{world.users.age_buckets[p]}"]
+        ids, _ = model_lib.build_input(
+            vocab, layout, uid=uid, query_ids=tokens(query), query_sid=query_codes[query_row[query]],
+            recent_queries=[(tokens(q), query_codes[query_row[q]]) for q in recent_q if q in query_row],
+            recent_items=[item_codes[i] for i in recent], profile=profile,
+        )  # fmt: skip
+        return ids, long
+
+    context = catalog_lib.recent_context(log, history, k=max(lay.max_recent, 1))
+
+    def session_examples(rows: np.ndarray, which: str, limit: int) -> tuple[list, list, list, list]:
+        prompts, longs, targets, qs = [], [], [], []
+        for s in rows.tolist():
+            imp = log.impressions(s)
+            flags = log.ordered[imp] if which == "order" else log.clicked[imp]
+            items = log.impressed_items[imp][flags]
+            if not len(items):
+                continue
+            n = int(context["num_recent"][s])
+            user_id, t, query = str(log.user_ids[s]), int(log.timestamps[s]), str(log.queries[s])
+            u = user_of.get(user_id, -1)
+            long_slice = history.recent(u, t, d.max_long) if u >= 0 else slice(0, 0)
+            ids, long = context_example(
+                user_id,
+                t,
+                query,
+                context["recent_items"][s, :n].tolist(),
+                context["recent_queries"][s, :n].tolist(),
+                long_slice,
+            )
+            for item in items.tolist():
+                prompts.append(ids)
+                longs.append(long)
+                targets.append(item)
+                qs.append(query)
+            if len(targets) >= limit:
+                break
+        return prompts, longs, targets, qs
+
+    def pack(prompts, longs, labels, targets, qs) -> Examples:
+        x, _ = model_lib.pad_rows(prompts, input_len, vocab.pad_id)
+        y, _ = model_lib.pad_rows(labels, layout.max_target_tokens, vocab.pad_id)
+        long = np.stack(longs) if longs else np.full((len(prompts), 3, d.max_long), -1, np.int32)
+        return Examples(x, y, long, np.asarray(targets, np.int32), np.asarray(qs, dtype=np.str_))
+
+    rng = np.random.default_rng(config.seed)
+    sid_tok = vocab.sid_tokens
+    target = functools.partial(model_lib.build_target, vocab, layout)
+    task = functools.partial(model_lib.build_task_input, vocab, layout)
+
+    # 3a. Stage 1: semantic alignment.
+    query_cat: dict[str, str] = {}
+    for q, intent in zip(log.queries.tolist(), world.session_intents.tolist(), strict=True):
+        leaf = int(world.intents.leaves[intent])
+        l2 = int(world.tree.leaf_parent[leaf])
+        path = (world.tree.l1_names[world.tree.l2_parent[l2]], world.tree.l2_names[l2], world.tree.leaf_names[leaf])
+        query_cat.setdefault(q, " > ".join(path))
+    tokens.warm(sorted(set(query_cat.values())))
+    s1: list[tuple[np.ndarray, np.ndarray]] = []
+    item_sample = rng.permutation(n_items)[: d.max_examples // 4]
+    for i in item_sample.tolist():
+        title, sid, cat_ids = tokens(titles[i]), sid_tok(item_codes[i]), tokens(cat_texts[i])
+        s1 += [
+            (task("[I2SID]", title), target(sid, eos=False)),
+            (task("[SID2I]", sid), target(title, eos=True)),
+            (task("[TEXT2CAT]", title), target(cat_ids, eos=True)),
+            (task("[SID2CAT]", sid), target(cat_ids, eos=True)),
+        ]
+    for q in queries:
+        qi, sid = tokens(q), sid_tok(query_codes[query_row[q]])
+        s1 += [
+            (task("[Q2SID]", qi), target(sid, eos=False)),
+            (task("[SID2Q]", sid), target(qi, eos=True)),
+            (task("[TEXT2CAT]", qi), target(tokens(query_cat[q]), eos=True)),
+        ]
+    # 3b. Stage 2: co-occurrence of train clicks.
+    s2: list[tuple[np.ndarray, np.ndarray]] = []
+    for p in uniq_pair[rng.permutation(len(uniq_pair))[: d.max_examples // 4]].tolist():
+        q, i = queries[p // n_items], p % n_items
+        qi, title = tokens(q), tokens(titles[i])
+        q_sid, i_sid = sid_tok(query_codes[query_row[q]]), sid_tok(item_codes[i])
+        s2 += [
+            (task("[Q2I]", qi), target(title, eos=True)),
+            (task("[I2Q]", title), target(qi, eos=True)),
+            (task("[QSID2ISID]", q_sid), target(i_sid, eos=False)),
+            (task("[ISID2QSID]", i_sid), target(q_sid, eos=False)),
+        ]
+
+    def task_examples(pairs) -> Examples:
+        pairs = [pairs[i] for i in rng.permutation(len(pairs))[: d.max_examples]]
+        return pack([p for p, _ in pairs], [], [y for _, y in pairs], [-1] * len(pairs), [""] * len(pairs))
+
+    # 3c. Stage 3: personalised samples + sliding windows over users' train click sequences.
+    train_rows = np.flatnonzero(log.splits == "train")
+    prompts, longs, targets3, qs3 = session_examples(rng.permutation(train_rows), "click", d.max_examples)
+    num_base = len(prompts)
+    num_window = 0
+    if d.sliding_window and lay.max_recent > 0:
+        train_history = catalog_lib.history_from_log(log, splits=("train",))
+        for u in rng.permutation(len(train_history)).tolist():
+            if len(prompts) >= num_base + d.max_examples // 2:
+                break
+            lo = int(train_history.offsets[u])
+            seq = train_history.sequence(u).tolist()
+            user_id = str(train_history.user_ids[u])
+            hu = user_of[user_id]
+            for t, (prefix, nxt) in enumerate(model_lib.sliding_window_examples(seq, lay.max_recent), start=1):
+                ev = lo + t
+                when = int(train_history.timestamps[ev])
+                query = str(train_history.queries[ev])
+                prefix_q = train_history.queries[ev - len(prefix) : ev].tolist()
+                long_end = int(history.offsets[hu]) + t  # train events come first in the user's full history
+                long_slice = slice(max(int(history.offsets[hu]), long_end - d.max_long), long_end)
+                ids, long = context_example(user_id, when, query, prefix, prefix_q, long_slice)
+                prompts.append(ids)
+                longs.append(long)
+                targets3.append(nxt)
+                qs3.append(query)
+                num_window += 1
+    labels3 = [target(sid_tok(item_codes[i]), eos=False) for i in targets3]
+    stages = {
+        "stage1": task_examples(s1),
+        "stage2": task_examples(s2),
+        "stage3": pack(prompts, longs, labels3, targets3, qs3),
+    }
+
+    # 4. Evaluation pairs (test split), slices and the popularity baseline.
+    test_rows = np.flatnonzero(log.splits == "test")
+    eval_sets, eval_slices, popularity = {}, {}, {}
+    for which in ("click", "order"):
+        p, lg, tg, qs = session_examples(test_rows, which, config.eval.max_pairs)
+        ex = pack(p, lg, [target(sid_tok(item_codes[i]), eos=False) for i in tg], tg, qs)
+        eval_sets[which] = ex
+        q_counts = np.asarray([query_train_count[query_row[q]] for q in ex.queries.tolist()])
+        eval_slices[which] = {
+            "long_tail_query": q_counts <= config.eval.long_tail_max_count,
+            "cold_item": world.cold_items[ex.targets],
+        }
+        popularity[which] = evaluate.popularity_rankings(
+            [query_clicks.get(query_row[q], []) for q in ex.queries.tolist()], item_clicks, config.eval.top_k
+        )
+
+    # TIGER-protocol leave-one-out over users' full click histories (query: the target event's query).
+    loo = None
+    if config.eval.leave_one_out_users:
+        test_ex = catalog_lib.leave_one_out(history, max_history=20)["test"]
+        rows = rng.permutation(len(test_ex))[: config.eval.leave_one_out_users]
+        lp, ll, lt = [], [], []
+        for r in rows.tolist():
+            u = int(test_ex.user_rows[r])
+            n = int(test_ex.history_lengths[r])
+            last = int(history.offsets[u + 1]) - 1  # the held-out event
+            hist = test_ex.histories[r, :n].tolist()
+            ids, long = context_example(
+                str(history.user_ids[u]), int(history.timestamps[last]), str(history.queries[last]),
+                hist[-max(lay.max_recent, 1) :], history.queries[last - min(n, lay.max_recent) : last].tolist(),
+                slice(max(int(history.offsets[u]), last - d.max_long), last),
+            )  # fmt: skip
+            lp.append(ids)
+            ll.append(long)
+            lt.append(int(test_ex.targets[r]))
+        loo_ex = pack(lp, ll, [target(sid_tok(item_codes[i]), eos=False) for i in lt], lt, [""] * len(lt))
+        loo = {"input_ids": loo_ex.input_ids, "long": loo_ex.long, "targets": loo_ex.targets}
+
+    tree = pt.build_prefix_tree(
+        item_codes, vocab.level_sizes, level_offsets=vocab.sid_token_offsets, vocab_size=vocab.vocab_size
+    )
+    collisions = semantic_ids.collision_table(item_codes, popularity=item_clicks)
+    info = {
+        "num_items": n_items, "num_queries": len(queries), "vocab_size": vocab.vocab_size,
+        "text_vocab_size": vocab.text_vocab_size, "input_length": input_len, "sid_stats": stats,
+        "stage_examples": {k: len(v) for k, v in stages.items()}, "stage3_base": num_base,
+        "stage3_sliding_window": num_window, "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
+        "eval_slices": {k: {s: int(m.sum()) for s, m in v.items()} for k, v in eval_slices.items()},
+        "prepare_seconds": round(time.time() - t0, 1),
+    }  # fmt: skip
+    logging.info("onesearch data: %s", json.dumps(info))
+    return Setup(
+        config, world, vocab, layout, model_config, sid_model, item_codes, query_codes, query_row, tables,
+        entity_rows, tree, collisions, item_clicks, stages, eval_sets, eval_slices, popularity, loo, info,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Batch:
+    """grain map: example rows `[b]` -> a training batch with the long-sequence memory."""
+
+    examples: Examples
+    tables: tuple[np.ndarray, ...]
+    entity_rows: np.ndarray
+
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return make_batch(self.examples, np.asarray(rows), self.tables, self.entity_rows)
+
+
+def make_batch(
+    examples: Examples, rows: np.ndarray, tables: Sequence[np.ndarray], entity_rows: np.ndarray
+) -> dict[str, np.ndarray]:
+    """`{'input_ids', 'input_mask' [b, L_in], 'memory' [b, 9, d], 'labels', 'label_mask' [b, L_out]}` of `rows`."""
+    input_ids = examples.input_ids[rows]
+    labels = examples.labels[rows]
+    return {
+        "input_ids": input_ids,
+        "input_mask": input_ids != 0,
+        "memory": long_memory(tables, entity_rows, examples.long[rows]),
+        "labels": labels,
+        "label_mask": labels != 0,
+    }
+
+
+def make_iterator(setup: Setup, stage: str, batch_size: int, seed: int) -> grain.DatasetIterator:
+    """Shuffled, repeated batches of one stage (checkpointable grain iterator)."""
+    examples = setup.stages[stage]
+    if len(examples) == 0:
+        raise ValueError(f"{stage} has no training examples (check data.* sizes)")
+    ds = (
+        grain.MapDataset.range(len(examples))
+        .shuffle(seed=seed)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+        .map(_Batch(examples, setup.tables, setup.entity_rows))
+    )
+    return iter(ds.to_iter_dataset())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train state and step.
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Clipped AdamW whose learning rate is a state entry set every step (`learning_rate`), so the three stages
+    (different lengths, hence schedules) share one compiled step."""
+    t = config.trainer
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip_norm),
+        optax.inject_hyperparams(optax.adamw)(learning_rate=t.lr, weight_decay=t.weight_decay),
+    )
+
+
+def learning_rate(config: ml_collections.ConfigDict, steps: int, step: int) -> float:
+    """Warm-up + cosine decay over a stage of `steps` updates, at update number `step` (0-based)."""
+    t = config.trainer
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(min(t.warmup_steps, steps - 1), 1), max(steps, 2))
+    return float(schedule(step))
+
+
+def state_shardings(
+    model_config: model_lib.OneSearchConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: sharding.Rules
+) -> train_state.TrainState:
+    def init_fn(rng):
+        return model_lib.init_params(model_config, rng), None
+
+    abstract = train_state.abstract_train_state(init_fn, tx, jax.random.PRNGKey(0), mesh, rules)
+    return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def init_model_params(model_config: model_lib.OneSearchConfig, seed: int, mesh: Mesh, rules: sharding.Rules) -> Any:
+    params, _ = sharding.sharded_init(
+        functools.partial(model_lib.init_params, model_config), jax.random.PRNGKey(seed), mesh=mesh, rules=rules
+    )
+    return params
+
+
+def loss_fn(model: model_lib.OneSearchModel, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool):
+    logits = model.apply(
+        {"params": params}, batch["input_ids"], batch["input_mask"], batch["memory"], batch["labels"],
+        deterministic=not train, rngs={"dropout": rng},
+    )  # fmt: skip
+    return model_lib.sequence_loss(logits, batch["labels"], batch["label_mask"])
+
+
+def make_train_step(
+    model_config: model_lib.OneSearchConfig,
+    tx: optax.GradientTransformation,
+    shardings: train_state.TrainState,
+    mesh: Mesh,
+):
+    """Jitted `(state, batch, lr) -> (state, {'loss', 'accuracy', 'grad_norm'})`; state donated, layouts fixed.
+
+    `lr` (float32 scalar) is written into the `inject_hyperparams` state of `make_optimizer`'s AdamW."""
+    model = model_lib.OneSearchModel(model_config)
+    dropout = model_config.bart.dropout if model_config.backbone == "bart" else 0.0
+
+    def step(state: train_state.TrainState, batch: dict[str, jax.Array], lr: jax.Array):
+        clip_state, adam_state = state.opt_state
+        adam_state = adam_state._replace(hyperparams={**adam_state.hyperparams, "learning_rate": lr})
+        state, rng = state.replace(opt_state=(clip_state, adam_state)).split_rng()
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, model, train=dropout > 0), has_aux=True)
+        (loss, accuracy), grads = grad_fn(state.params, batch, rng)
+        state = state.apply_gradients(grads, tx)
+        return state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, n)
+        for k, n in (("input_ids", 2), ("input_mask", 2), ("memory", 3), ("labels", 2), ("label_mask", 2))
+    }
+    return jax.jit(
+        step, in_shardings=(shardings, batch_shardings, None), out_shardings=(shardings, None), donate_argnums=0
+    )
+
+
+def compiled(setup: Setup, mesh: Mesh, rules: sharding.Rules) -> dict[str, Any]:
+    """The optimizer, state shardings, jitted init and train step, built once per (setup, mesh) and shared by the
+    stages (so the step compiles once)."""
+    key = ("train", id(mesh))
+    if key not in setup.cache:
+        tx = make_optimizer(setup.config)
+        shardings = state_shardings(setup.model_config, tx, mesh, rules)
+
+        def build(p, r):
+            return train_state.TrainState(
+                step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=r, extra={}
+            )
+
+        setup.cache[key] = {
+            "tx": tx,
+            "shardings": shardings,
+            "init": jax.jit(build, out_shardings=shardings),
+            "step": make_train_step(setup.model_config, tx, shardings, mesh),
+        }
+    return setup.cache[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation glue.
+
+
+def make_generate_fn(setup: Setup, num_beams: int, constrained: bool):
+    """Jitted `(params, batch) -> sequences [b, beams, L] token ids` (constrained: valid item SIDs only)."""
+    key = ("generate", num_beams, constrained)
+    if key in setup.cache:
+        return setup.cache[key]
+    tree = setup.tree if constrained else None
+
+    @jax.jit
+    def run(params, input_ids, input_mask, memory):
+        out = model_lib.generate(
+            setup.model_config, params, input_ids, input_mask, memory,
+            num_beams=num_beams, tree=tree, num_levels=setup.vocab.num_levels,
+        )  # fmt: skip
+        return out.sequences
+
+    setup.cache[key] = run
+    return run
+
+
+def generate_codes(setup: Setup, generate_fn, params: Any, examples: Examples, batch_size: int) -> np.ndarray:
+    """SID codes `[n, beams, L]` (-1 for invalid / non-SID tokens) generated for every example, in batches."""
+    out = []
+    for start in range(0, len(examples), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(examples)))
+        padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+        b = make_batch(examples, padded, setup.tables, setup.entity_rows)
+        seqs = np.asarray(generate_fn(params, b["input_ids"], b["input_mask"], b["memory"]))[: len(rows)]
+        out.append(np.where(seqs >= 0, setup.vocab.sid_codes(np.maximum(seqs, 0)), -1))
+    return np.concatenate(out)
+
+
+def evaluate_stage(setup: Setup, params: Any, mesh: Mesh, rules: sharding.Rules) -> dict[str, Any]:
+    """HR@K / MRR@K / NDCG@K on click and order test pairs (constrained beams), slices, unconstrained valid-ID
+    rate and (optionally) leave-one-out metrics."""
+    e = setup.config.eval
+    results: dict[str, Any] = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        constrained = make_generate_fn(setup, e.num_beams, True)
+        for which, ex in setup.eval_sets.items():
+            if not len(ex):
+                continue
+            codes = generate_codes(setup, constrained, params, ex, e.batch_size)
+            rankings = evaluate.items_from_sids(codes, setup.collisions, e.top_k)
+            results[which] = evaluate.ranking_metrics(rankings, ex.targets, (e.top_k,), setup.eval_slices[which])
+        if e.unconstrained_pairs and len(setup.eval_sets["click"]):
+            ex = setup.eval_sets["click"].select(np.arange(min(e.unconstrained_pairs, len(setup.eval_sets["click"]))))
+            free = make_generate_fn(setup, min(e.num_beams, 10), False)
+            codes = generate_codes(setup, free, params, ex, e.batch_size)
+            results["unconstrained"] = {
+                "valid_id_rate": evaluate.valid_id_rate(codes, setup.collisions),
+                "top1_valid_id_rate": evaluate.valid_id_rate(codes[:, :1], setup.collisions),
+                "num_pairs": len(ex),
+            }
+        if setup.loo is not None and len(setup.loo["targets"]):
+            n = len(setup.loo["targets"])
+            ex = Examples(
+                setup.loo["input_ids"], np.zeros((n, 1), np.int32), setup.loo["long"], setup.loo["targets"],
+                np.asarray([""] * n),
+            )  # fmt: skip
+            codes = generate_codes(setup, constrained, params, ex, e.batch_size)
+            rankings = evaluate.items_from_sids(codes, setup.collisions, e.top_k)
+            results["leave_one_out"] = evaluate.ranking_metrics(rankings, ex.targets, (5, e.top_k))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stages.
+
+
+def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
+    return int(config.trainer[f"{stage}_steps"])
+
+
+def _write_json(path: str, payload: Any) -> None:
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+
+
+def run_stage(
+    setup: Setup,
+    stage: str,
+    params: Any,
+    workdir: str,
+    mesh: Mesh,
+    *,
+    stop_at_step: int | None = None,
+    evaluate_after: bool = True,
+) -> tuple[Any, dict[str, Any] | None]:
+    """Trains one SFT stage from `params` (resuming `<workdir>/<stage>/checkpoints`), returns `(params, results)`.
+
+    A stage whose checkpoint already holds its last step is not retrained. `stop_at_step` stops (after saving) at
+    that step, as a preemption would: rerunning resumes. Results (None when stopped early or not evaluated) are
+    also written to `<workdir>/<stage>/results.json`.
+    """
+    config = setup.config
+    t = config.trainer
+    rules = sharding.normalize_rules(config.sharding_rules)
+    steps = stage_steps(config, stage)
+    stage_dir = os.path.join(workdir, stage)
+    os.makedirs(stage_dir, exist_ok=True)
+    fns = compiled(setup, mesh, rules)
+    rng = jax.random.PRNGKey(config.seed + 1 + STAGES.index(stage))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = fns["init"](params, rng)
+    it = make_iterator(setup, stage, t.batch_size, config.seed + STAGES.index(stage))
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+        async_save=t.async_checkpoint,
+    )  # fmt: skip
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, it)
+    start = int(state.step)
+    last = steps if stop_at_step is None else min(steps, stop_at_step)
+    results_path = os.path.join(stage_dir, "results.json")
+    if start >= steps and os.path.exists(results_path):
+        ckpt.close()
+        with open(results_path) as f:
+            return state.params, json.load(f)
+    writer = metrics.MetricWriter(stage_dir, steps, start_step=start, console_keys=("loss", "accuracy"))
+    t0 = time.time()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start + 1, last + 1):
+            lr = np.float32(learning_rate(config, steps, step - 1))
+            state, step_metrics = fns["step"](state, sharding.shard_batch(next(it), mesh), lr)
+            if step % t.log_every == 0 or step == last:
+                writer.write(step, dict(step_metrics))
+            preempted = ckpt.should_stop(step)
+            ckpt.save(step, state, it, config, force=preempted or step == last)
+            if preempted:
+                break
+    writer.close()
+    ckpt.close()
+    if int(state.step) < steps:
+        if stop_at_step is None:
+            raise checkpoint.Preempted(f"{stage}: saved step {int(state.step)}")
+        return state.params, None
+    train_seconds = time.time() - t0
+    if jax.process_index() == 0:
+        metrics.plot_metrics(writer.jsonl_path, os.path.join(stage_dir, "metrics.png"), ["loss", "accuracy"])
+    if not evaluate_after:
+        return state.params, None
+    t1 = time.time()
+    results = evaluate_stage(setup, state.params, mesh, rules)
+    results.update(stage=stage, steps=steps, train_seconds=round(train_seconds, 1))
+    results["eval_seconds"] = round(time.time() - t1, 1)
+    _write_json(results_path, results)
+    return state.params, results
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, setup: Setup | None = None, mesh: Mesh | None = None
+) -> dict[str, Any]:
+    """All three SFT stages + evaluation after each; writes `results.json` and `results.md` (table) to `workdir`.
+
+    `setup` / `mesh` (tests) reuse an already prepared setup (and its compiled functions) and mesh."""
+    check_config(config)
+    d = config.distributed
+    sharding.maybe_initialize_distributed(
+        d.mode, d.coordinator_address or None, None if d.num_processes < 0 else d.num_processes,
+        None if d.process_id < 0 else d.process_id,
+    )  # fmt: skip
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    rules = sharding.normalize_rules(config.sharding_rules)
+    setup = setup or prepare(config, cache_dir=os.path.join(workdir, "cache"))
+    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    _write_json(os.path.join(workdir, "data_info.json"), setup.info)
+    params = init_model_params(setup.model_config, config.seed, mesh, rules)
+    logging.info("model: %d parameters", model_lib.param_count(params))
+    all_results: dict[str, Any] = {"data": setup.info, "popularity": popularity_results(setup)}
+    for stage in STAGES:
+        params, results = run_stage(setup, stage, params, workdir, mesh)
+        all_results[stage] = results
+        logging.info("%s: %s", stage, json.dumps(summary_row(results)))
+    _write_json(os.path.join(workdir, "results.json"), all_results)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(results_table(all_results, config.eval.top_k))
+    return all_results
+
+
+def popularity_results(setup: Setup) -> dict[str, Any]:
+    k = setup.config.eval.top_k
+    return {
+        which: evaluate.ranking_metrics(setup.popularity[which], ex.targets, (k,), setup.eval_slices[which])
+        for which, ex in setup.eval_sets.items()
+        if len(ex)
+    }
+
+
+def summary_row(results: dict[str, Any] | None) -> dict[str, float]:
+    if not results:
+        return {}
+    row = {}
+    for which in ("click", "order"):
+        for name, value in results.get(which, {}).items():
+            if isinstance(value, float):
+                row[f"{which}/{name}"] = round(value, 4)
+    if "unconstrained" in results:
+        row["valid_id_rate"] = round(results["unconstrained"]["valid_id_rate"], 4)
+    return row
+
+
+def results_table(all_results: dict[str, Any], k: int) -> str:
+    """Markdown table: HR@K / MRR@K (click, order) per stage and for the popularity baseline."""
+    cols = [f"click HR@{k}", f"click MRR@{k}", f"order HR@{k}", f"order MRR@{k}", "valid-ID rate (unconstr.)"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in ("popularity", *STAGES):
+        r = all_results.get(name) or {}
+        vals = []
+        for which in ("click", "order"):
+            m = r.get(which, {})
+            vals += [f"{m.get(f'hr@{k}', float('nan')):.4f}", f"{m.get(f'mrr@{k}', float('nan')):.4f}"]
+        vals.append(f"{r['unconstrained']['valid_id_rate']:.4f}" if "unconstrained" in r else "-")
+        label = "popularity baseline" if name == "popularity" else f"after {name}"
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"

@@ -32,6 +32,8 @@ bench: $(VENV)/.test
 	$(PY) -m experiments.benchmarks.sampler --out=runs/benchmarks/sampler.json
 	$(PY) -m experiments.benchmarks.retrieval_recall --out=runs/benchmarks/retrieval_recall.json
 	$(PY) -m experiments.benchmarks.ig_overhead --out=runs/benchmarks/ig_overhead.json
+	$(PY) -m experiments.benchmarks.memory_bank --out=runs/benchmarks/memory_bank.json
+	$(PY) -m experiments.benchmarks.constrained_beam --out=runs/benchmarks/constrained_beam.json
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -234,7 +234,7 @@ def caption_file(config: ml_collections.ConfigDict, split: cir.CIRSplit, workdir
     `<workdir>/captions/` first."""
     d = config.data
     split_name = split.name.split("/")[-1]
-    category = split.name.split("/")[1] if d.dataset == "fashioniq" else d.dataset
+    category = split.name.split("/")[1] if d.dataset == "fashioniq" else ""  # "all": what csmcir_captions writes
     if d.captions_dir:
         return captions_lib.caption_path(d.captions_dir, d.dataset, split_name, category)
     if d.dataset != "css":

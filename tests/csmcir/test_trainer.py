@@ -266,7 +266,7 @@ def test_cpu_test_end_to_end(runs):
     assert all(0.0 <= v <= 100.0 for v in metrics_.values())
     best = json.loads((workdir / "best.json").read_text())
     assert best["step"] in (3, 6) and best["split"] == "val"
-    captions = json.loads((workdir / "captions" / "css" / "train" / "css_mcot.json").read_text())
+    captions = json.loads((workdir / "captions" / "css" / "train" / "all_mcot.json").read_text())
     assert len(captions) > 0 and all("Final_Caption" in c for c in captions.values())
     for name in ("config.json", "metrics.png", "table.md", "tensorboard", "best"):
         assert (workdir / name).exists(), name

@@ -118,6 +118,21 @@ class MetricWriter:
         self.close()
 
 
+def write_json(path: str, payload: Any) -> None:
+    """Writes `payload` as indented JSON (numpy scalars as floats), from process 0 only."""
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+
+
+def read_json(path: str) -> dict:
+    """The JSON object at `path`, or `{}` when the file does not exist."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_metrics(jsonl_path: str) -> list[dict]:
     """All rows of a metrics JSONL file; a malformed line raises ValueError naming the file and line."""
     rows = []

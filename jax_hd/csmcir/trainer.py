@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -62,6 +61,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_hd.core import checkpoint, metrics, sharding, train_state
 from jax_hd.core import config as config_lib
+from jax_hd.core.metrics import read_json, write_json
 from jax_hd.csmcir import captions as captions_lib
 from jax_hd.csmcir import evaluate, losses
 from jax_hd.csmcir import memory_bank as bank_lib
@@ -899,17 +899,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
 
 
-def _write_json(path: str, payload: Any) -> None:
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 PLOT_KEYS = ("loss", "batch_acc", "num_negatives", "temperature", "bank_entropy", "grad_norm", "select_score")
@@ -968,7 +957,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
                 os.path.join(workdir, "best"), save_every=1, keep=1, async_save=False, handle_sigterm=False
             )
         best_path = os.path.join(workdir, "best.json")
-        best = _read_json(best_path)
+        best = read_json(best_path)
         guard = NonFiniteGuard(t.max_bad_steps_in_a_row)
         writer = metrics.MetricWriter(
             workdir, r.num_steps, start_step=start, console_keys=("loss", "batch_acc", "select_score")
@@ -998,7 +987,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
                         best = {"step": step, "score": score, "split": config.eval.select_split, **results}
                         best_ckpt.save(step, {"params": state.params}, force=True)
                         best_ckpt.wait()
-                        _write_json(best_path, best)
+                        write_json(best_path, best)
                 if step % t.log_every == 0 or step == r.num_steps or "select_score" in scalars:
                     writer.write(step, scalars)
                 preempted = ckpt.should_stop(step)
@@ -1062,7 +1051,7 @@ def final_evaluation(
         f"bank={config.bank.size}, captions={config.data.caption_field}, backbone={config.vision.kind}"
     )
     table = title + "\n\n" + "\n\n".join(tables)
-    _write_json(os.path.join(workdir, "results.json"), payload)
+    write_json(os.path.join(workdir, "results.json"), payload)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "table.md"), "w") as f:
             f.write(table + "\n")

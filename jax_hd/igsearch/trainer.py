@@ -51,6 +51,7 @@ from jax.sharding import Mesh
 
 from jax_hd.core import checkpoint, metrics, sharding, train_state
 from jax_hd.core import config as config_lib
+from jax_hd.core.metrics import read_json, write_json
 from jax_hd.data import qa
 from jax_hd.decoding import sampling
 from jax_hd.igsearch import evaluate, experts, grpo, info_gain, rewards, rollout, setup
@@ -868,17 +869,6 @@ def build_setup(config: ml_collections.ConfigDict) -> Setup:
                  setup.build_model_config(config.policy, tokenizer))
 
 
-def _write_json(path: str, payload: Any) -> None:
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 PLOT_KEYS = ("reward_mean", "em", "all_fail_group_fraction", "ig_mean", "ig_positive_fraction", "kl", "entropy",
@@ -918,13 +908,13 @@ def grpo_loop(
                                                  f"{per_step} updates per GRPO step of this config")
     rt = build_runtime(config, mesh, rules, s.tokenizer, s.client, s.model_config, tx, state_shardings)
     eval_path = os.path.join(workdir, "eval.json")
-    evals = _read_json(eval_path)
+    evals = read_json(eval_path)
     writer = metrics.MetricWriter(workdir, t.steps, start_step=start, console_keys=("reward_mean", "em", "ig_mean"))
     try:
         if start == 0 and config.eval.before_grpo and "before_grpo" not in evals:
             evals["before_grpo"] = evaluate_policy(rt, state.params, s.eval_examples, config.eval.batch_size,
                                                    os.path.join(workdir, "eval_records_before_grpo.jsonl"))
-            _write_json(eval_path, evals)
+            write_json(eval_path, evals)
             writer.write(0, {"eval_em": evals["before_grpo"]["average"]["em"]})
         for iteration in range(start + 1, t.steps + 1):
             examples = [s.train_examples[int(i)] for i in next(prompts)]
@@ -933,7 +923,7 @@ def grpo_loop(
                 evals["after_grpo"] = evaluate_policy(rt, state.params, s.eval_examples, config.eval.batch_size,
                                                       os.path.join(workdir, "eval_records_after_grpo.jsonl"))
                 evals["ig_enabled"] = config.ig.enabled
-                _write_json(eval_path, evals)
+                write_json(eval_path, evals)
                 step_metrics["eval_em"] = evals["after_grpo"]["average"]["em"]
             if iteration % t.log_every == 0 or iteration == t.steps:
                 writer.write(iteration, step_metrics)
@@ -948,7 +938,7 @@ def grpo_loop(
         metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir, "metrics.png"), PLOT_KEYS)
         summary = {"grpo_steps": t.steps, "optimizer_steps": int(state.step), "ig_enabled": config.ig.enabled,
                    **{f"eval_em_{k}": v["average"]["em"] for k, v in evals.items() if isinstance(v, dict)}}
-        _write_json(os.path.join(workdir, "final_metrics.json"), summary)
+        write_json(os.path.join(workdir, "final_metrics.json"), summary)
         logging.info("done: %s; outputs in %s", summary, workdir)
     return state
 

@@ -46,6 +46,7 @@ from jax.sharding import Mesh
 
 from jax_hd.core import checkpoint, metrics, sharding, train_state
 from jax_hd.core import config as config_lib
+from jax_hd.core.metrics import write_json
 from jax_hd.data import catalog as catalog_lib
 from jax_hd.data.tokenizer import train_bpe_tokenizer
 from jax_hd.decoding import prefix_tree as pt
@@ -824,11 +825,6 @@ def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
     return int(config.trainer[f"{stage}_steps"])
 
 
-def _write_json(path: str, payload: Any) -> None:
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2, default=float)
-
 
 def run_stage(
     setup: Setup,
@@ -897,7 +893,7 @@ def run_stage(
     results = evaluate_stage(setup, state.params, mesh, rules)
     results.update(stage=stage, steps=steps, train_seconds=round(train_seconds, 1))
     results["eval_seconds"] = round(time.time() - t1, 1)
-    _write_json(results_path, results)
+    write_json(results_path, results)
     return state.params, results
 
 
@@ -917,8 +913,8 @@ def train(
     mesh = mesh or sharding.make_mesh(config.mesh)
     rules = sharding.normalize_rules(config.sharding_rules)
     setup = setup or prepare(config, cache_dir=os.path.join(workdir, "cache"))
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    _write_json(os.path.join(workdir, "data_info.json"), setup.info)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    write_json(os.path.join(workdir, "data_info.json"), setup.info)
     params = init_model_params(setup.model_config, config.seed, mesh, rules)
     logging.info("model: %d parameters", model_lib.param_count(params))
     all_results: dict[str, Any] = {"data": setup.info, "popularity": popularity_results(setup)}
@@ -926,7 +922,7 @@ def train(
         params, results = run_stage(setup, stage, params, workdir, mesh)
         all_results[stage] = results
         logging.info("%s: %s", stage, json.dumps(summary_row(results)))
-    _write_json(os.path.join(workdir, "results.json"), all_results)
+    write_json(os.path.join(workdir, "results.json"), all_results)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(results_table(all_results, config.eval.top_k))

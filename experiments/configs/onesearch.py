@@ -58,8 +58,60 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             num_memory=3,
             max_task_tokens=24,
             max_target_tokens=16,
+            max_keyword_tokens=16,
         )
     )
+    # OneSearch-V2 keyword thoughts (spec §2.3, §2.5; used only when enabled, so V1 stays V1). keyword_file: a
+    # `jax_hd.onesearch.keywords` file (experiments/onesearch_keywords.py), '' = the simulator's own thoughts;
+    # enabled adds the 4 CoT tasks to stage 1 (at most max_keywords keyword SIDs per target; labels grow to
+    # max(layout.max_target_tokens, max_keywords x SID length + 1, layout.max_keyword_tokens + 1)) and teacher prompts
+    # (student prompt + "[KW] kw1 [SEP] kw2 ..." of <= layout.max_keyword_tokens tokens) for every example;
+    # teacher_keywords: "preference" (P_keywords) or "core" (the query's keywords).
+    c.cot = ml_collections.ConfigDict(
+        dict(enabled=False, keyword_file="", max_keywords=8, teacher_keywords="preference")
+    )
+    # Behaviour-preference alignment data (spec §1.7 phase 2, §2.6), built when enabled: max_prompts train sessions
+    # with a click, their ordered-then-clicked items (max_truth), num_negatives DPO negatives from the bottom
+    # behaviour levels (exposed-not-clicked, same category not exposed, other category) and a calibrated CTR
+    # (clicks + a * prior) / (impressions + a) per (query, item), a = ctr_prior_strength.
+    c.align = ml_collections.ConfigDict(
+        dict(enabled=False, max_prompts=2_000, max_truth=4, num_negatives=6, ctr_prior_strength=20.0)
+    )
+    # Reasoning-internalised self-distillation in SFT stage 3 (spec §2.5; `jax_hd.onesearch.distill`). mode "off" is
+    # plain SFT (V1); "self": the same weights read the keyword prompt as the teacher (stop-gradient); "ema": an EMA
+    # copy. Paper values when switched on: kl_weight 0.1, temperature 1, rdrop_weight 0.5, fgm_epsilon 0.6, focal
+    # gamma 3 with scale 2 (the spec's "alpha = 2", read as a scale: CONFLICT). Needs cot.enabled for the teacher
+    # prompts (without keywords teacher == student and the KL is 0).
+    c.distill = ml_collections.ConfigDict(
+        dict(
+            mode="off", kl_weight=0.1, temperature=1.0, rdrop_weight=0.0, fgm_epsilon=0.0, fgm_kl=True,
+            focal_gamma=0.0, focal_scale=1.0, ema_decay=0.999,
+        )
+    )  # fmt: skip
+    # Listwise softmax-DPO on behaviour levels after stage 3 (spec §1.7 phase 2; `alignment.DPOConfig`); steps 0
+    # skips the stage. Needs align.enabled. beta / alpha / #negatives are UNKNOWN in the paper (code default alpha
+    # 1.5); the reward-gap weight uses the composite item reward of spec §2.6.
+    c.dpo = ml_collections.ConfigDict(
+        dict(
+            steps=0, lr=1e-4, warmup_steps=10, batch_size=32, beta=0.1, use_reward_gap_weight=False,
+            reward_gap_alpha=1.5, sft_weight=0.0, chosen_regularisation=False,
+        )
+    )  # fmt: skip
+    # Policy-gradient alignment after DPO (spec §2.6; `alignment.TPMAConfig`): G constrained samples per prompt,
+    # composite reward R_item = relevance (0-3) + clip(CTR) + order 4 / click 3. advantage "position" = TPMA
+    # (per-position marginal advantages, prefix gate, no clip), "sequence" = plain GRPO on R_item (PPO clip): the
+    # "+GRPO" row. G, lr and steps are UNKNOWN in the paper (code example: G 4, lr 1e-5, temperature 1, beta 0).
+    c.rl = ml_collections.ConfigDict(
+        dict(
+            steps=0, lr=1e-4, warmup_steps=5, prompts_per_step=32, num_samples=4, temperature=1.0,
+            advantage="position", gate="fraction", position_weights=(2.0, 2.0, 2.0, 1.0, 1.0),
+            item_advantage_weight=0.0, sft_weight=0.1, kl_coef=0.0, clip_eps=0.2, order_value=4.0, click_value=3.0,
+        )
+    )  # fmt: skip
+    # table.enabled: instead of one run, the incremental table of spec §2.8 (`trainer.incremental_rows`: V1 -> + CoT
+    # tasks -> + self-distillation -> + R-Drop -> + FGM -> + focal -> + DPO -> + GRPO -> + TPMA) from this (V1)
+    # config, rows sharing the checkpoints of their common stages; results in <workdir>/incremental.{json,md}.
+    c.table = ml_collections.ConfigDict(dict(enabled=False, dpo_steps=100, rl_steps=100))
     c.model = ml_collections.ConfigDict(
         dict(
             backbone="bart",
@@ -119,8 +171,14 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             embedder="hashed", embed_dim=32, rq_sizes=(8, 4, 4), opq_codebook_size=8, kmeans_iters=4, opq_iters=2
         )
         c.layout.update(
-            max_query_tokens=6, max_recent=3, recent_query_tokens=2, max_task_tokens=12, max_target_tokens=8
-        )
+            max_query_tokens=6, max_recent=3, recent_query_tokens=2, max_task_tokens=12, max_target_tokens=8,
+            max_keyword_tokens=10,
+        )  # fmt: skip
+        c.cot.update(max_keywords=3)
+        c.align.update(max_prompts=64, num_negatives=4)
+        c.dpo.update(batch_size=8)
+        c.rl.update(prompts_per_step=8)
+        c.table.update(dpo_steps=2, rl_steps=2)
         c.model.update(
             d_model=32,
             encoder_layers=1,

@@ -1926,6 +1926,33 @@ def _relevance(
     return np.where(same_leaf, np.where(ok, 3, 2), np.where(same_l2, 1, 0)).astype(np.int8)
 
 
+def intent_relevance(world: SimulatedWorld, sessions: Any, items: Any) -> np.ndarray:
+    """The simulator's 0-3 relevance of ANY items to sessions' latent intents (the reward's R_Rel, spec §2.6).
+
+    sessions: `[s]` session rows of `world.log`; items: `[s, c]` catalog rows (a negative row, e.g. an invalid
+    generated SID, scores 0 as an unknown item does). Returns `[s, c]` int8; on impressed items it equals
+    `world.log.relevance`.
+    """
+    sessions = np.asarray(sessions, np.int64).reshape(-1)
+    items = np.asarray(items, np.int64)
+    if items.ndim != 2 or items.shape[0] != len(sessions):
+        raise ValueError(f"items must be [sessions={len(sessions)}, candidates], got shape {items.shape}")
+    n_items = len(world.catalog)
+    if len(sessions) and (sessions.min() < 0 or sessions.max() >= len(world.log)):
+        raise ValueError(f"session rows must be in [0, {len(world.log)}), got {sessions.min()}..{sessions.max()}")
+    if items.size and items.max() >= n_items:
+        raise ValueError(f"item rows must be < {n_items} (catalog size), got {items.max()}")
+    intents = world.intents
+    j = world.session_intents[sessions]
+    tree = world.tree
+    rel = _relevance(
+        intents.kinds[j], intents.leaves[j], intents.values[j], intents.price_limits[j], np.maximum(items, 0),
+        world.item_leaves, tree.leaf_parent[world.item_leaves], world.item_colours, world.item_brands,
+        world.item_materials, world.item_styles, world.catalog.prices, tree.leaf_parent,
+    )  # fmt: skip
+    return np.where(items >= 0, rel, 0).astype(np.int8)
+
+
 def _make_intents(
     rng,
     num_intents,

@@ -11,6 +11,10 @@ Personalised input layout (spec §1.6; `build_input`), every segment separated b
     [BOS] uid (2 x L SID tokens) [SEP] query text [SEP] SID_q (L) [SEP] (recent query text + its SID) x <=5 [SEP]
     recent item SIDs x <=5 [SEP] [MEM] x N_M [SEP] profile tokens [EOS]
 
+The self-distillation teacher prompt (V2, spec §2.5; `add_keywords`) inserts `[KW] kw1 [SEP] kw2 ...` (at most
+`LayoutConfig.max_keyword_tokens`) before the final `[EOS]`; the V2 CoT tasks (`COT_TASK_TOKENS`) with user info use
+`build_user_task_input`.
+
 The N_M `[MEM]` slots are replaced by the Q-Former's outputs over the 9 long-sequence vectors (per-level centroid
 sums of the click / order / search streams, `memory [batch, 9, memory_dim]`), so they enter the backbone as input
 embeddings. The behaviour user id (spec §1.5, `behaviour_uid`): SID_short || SID_long with
@@ -41,12 +45,18 @@ from jax_hd.models import bart, qformer, qwen2
 
 Array = jax.Array
 
-SPECIAL_TOKENS = ("[BOS]", "[SEP]", "[EOS]", "[MEM]", "[DEC]", "[NOUID]")
+SPECIAL_TOKENS = ("[BOS]", "[SEP]", "[EOS]", "[MEM]", "[DEC]", "[NOUID]", "[KW]")
+COT_TASK_TOKENS = ("[Q2KW]", "[QSID2KWSID]", "[Q2PKW]", "[QSID2PKWSID]")
+"""OneSearch-V2's keyword CoT tasks in SFT stage 1 (spec §2.3): query -> keywords, SID_q -> keyword SIDs,
+query + user info -> P_keywords, SID_q + user info -> P_keyword SIDs."""
 TASK_TOKENS = (
     "[Q2SID]", "[SID2Q]", "[I2SID]", "[SID2I]", "[TEXT2CAT]", "[SID2CAT]",  # stage 1
     "[Q2I]", "[I2Q]", "[QSID2ISID]", "[ISID2QSID]",  # stage 2
+    *COT_TASK_TOKENS,  # stage 1, V2 (config.cot.enabled)
 )  # fmt: skip
-SEGMENTS = ("special", "uid", "query", "query_sid", "recent_queries", "recent_items", "memory", "profile", "task")
+SEGMENTS = (
+    "special", "uid", "query", "query_sid", "recent_queries", "recent_items", "memory", "profile", "task", "keywords"
+)  # fmt: skip
 UID_MODES = ("code_average", "centroid")
 BACKBONES = ("bart", "qwen2")
 
@@ -181,7 +191,9 @@ class LayoutConfig:
 
     max_query_tokens: query text; max_recent: recent queries and recent items (spec: 5);
     recent_query_tokens: text tokens per recent query (0: its SID only); num_memory: Q-Former outputs N_M (3);
-    max_task_tokens: content of a stage-1/2 task prompt; max_target_tokens: decoder targets (text + [EOS]).
+    max_task_tokens: content of a stage-1/2 task prompt; max_target_tokens: decoder targets (text + [EOS]);
+    max_keyword_tokens: the teacher prompt's keyword segment `[KW] kw1 [SEP] kw2 ...` without its `[KW]`
+    (`add_keywords`; 0: no teacher prompts, the V1 layout).
     """
 
     max_query_tokens: int = 12
@@ -191,15 +203,18 @@ class LayoutConfig:
     max_profile_tokens: int = 2
     max_task_tokens: int = 24
     max_target_tokens: int = 16
+    max_keyword_tokens: int = 0
 
     def input_length(self, num_levels: int) -> int:
-        """Longest prompt `build_input` / `build_task_input` can produce."""
+        """Longest prompt `build_input` (+ `add_keywords`) / `build_task_input` / `build_user_task_input` can
+        produce."""
         personal = (
             1 + 2 * num_levels + 1 + self.max_query_tokens + 1 + num_levels + 1
             + self.max_recent * (self.recent_query_tokens + num_levels) + 1
             + self.max_recent * num_levels + 1 + self.num_memory + 1 + self.max_profile_tokens + 1
         )  # fmt: skip
-        return max(personal, self.max_task_tokens + 3)
+        keywords = 1 + self.max_keyword_tokens if self.max_keyword_tokens else 0
+        return max(personal + keywords, self.max_task_tokens + 3)
 
 
 def build_input(
@@ -259,6 +274,57 @@ def build_task_input(vocab: Vocab, layout: LayoutConfig, task: str, content: Seq
     """A stage-1/2 prompt `[BOS] [TASK] content [EOS]` (content truncated to `max_task_tokens`). `[n]` int32."""
     body = [int(t) for t in list(content)[: layout.max_task_tokens]]
     return np.asarray([vocab.special("[BOS]"), vocab.special(task), *body, vocab.special("[EOS]")], np.int32)
+
+
+def build_user_task_input(
+    vocab: Vocab,
+    layout: LayoutConfig,
+    task: str,
+    content: Sequence[int],
+    *,
+    recent_queries: Sequence[tuple[Sequence[int], Any]] = (),
+    profile: Sequence[str] = (),
+) -> np.ndarray:
+    """A CoT prompt with user info (`[Q2PKW]` / `[QSID2PKWSID]`): `[BOS] [TASK] content [SEP] (recent query text +
+    its SID) x <= max_recent [SEP] profile tokens [EOS]`, segments truncated as in `build_input` (content to
+    `max_query_tokens`). `[n]` int32."""
+    ids = [vocab.special("[BOS]"), vocab.special(task), *[int(t) for t in list(content)[: layout.max_query_tokens]]]
+    ids.append(vocab.special("[SEP]"))
+    for text, sid in list(recent_queries)[-layout.max_recent :] if layout.max_recent else []:
+        ids += [int(t) for t in list(text)[: layout.recent_query_tokens]] + vocab.sid_tokens(sid).tolist()
+    ids.append(vocab.special("[SEP]"))
+    ids += [vocab.profile(p) for p in list(profile)[: layout.max_profile_tokens]]
+    ids.append(vocab.special("[EOS]"))
+    return np.asarray(ids, np.int32)
+
+
+def keyword_tokens(vocab: Vocab, keywords: Sequence[Sequence[int]], max_tokens: int) -> list[int]:
+    """`kw1 [SEP] kw2 [SEP] ...` (keywords as token ids) keeping whole keywords within `max_tokens` (a first keyword
+    longer than that is cut)."""
+    out: list[int] = []
+    sep = vocab.special("[SEP]")
+    for kw in keywords:
+        piece = ([sep] if out else []) + [int(t) for t in kw]
+        if len(out) + len(piece) > max_tokens:
+            if not out:
+                out = piece[:max_tokens]
+            break
+        out += piece
+    return out
+
+
+def add_keywords(vocab: Vocab, layout: LayoutConfig, prompt: Any, keywords: Sequence[Sequence[int]]) -> np.ndarray:
+    """The self-distillation teacher prompt (spec §2.5): `prompt` (ending in `[EOS]`) with `[KW] kw1 [SEP] kw2 ...`
+    (`keyword_tokens`, `layout.max_keyword_tokens`) inserted before its `[EOS]`; no keywords -> `prompt`
+    unchanged. `[n]` int32."""
+    prompt = np.asarray(prompt, np.int32)
+    body = keyword_tokens(vocab, [k for k in keywords if len(k)], layout.max_keyword_tokens)
+    if not body:
+        return prompt
+    if not len(prompt) or prompt[-1] != vocab.special("[EOS]"):
+        raise ValueError("add_keywords: the prompt must end with [EOS]")
+    kw = np.asarray([vocab.special("[KW]"), *body], np.int32)
+    return np.concatenate([prompt[:-1], kw, prompt[-1:]])
 
 
 def build_target(vocab: Vocab, layout: LayoutConfig, tokens: Sequence[int], *, eos: bool) -> np.ndarray:
@@ -371,11 +437,21 @@ class OneSearchModel(nn.Module):
         q = self.qformer(image_features=self.memory_norm(memory.astype(jnp.float32)), deterministic=deterministic)
         return self.memory_proj(q)
 
-    def encode(self, input_ids: Array, input_mask: Array, memory: Array, deterministic: bool = True) -> Array:
-        """BART encoder states `[b, n, d]` of the prompt with the memory injected."""
+    def encode(
+        self,
+        input_ids: Array,
+        input_mask: Array,
+        memory: Array,
+        deterministic: bool = True,
+        prompt_delta: Array | None = None,
+    ) -> Array:
+        """BART encoder states `[b, n, d]` of the prompt with the memory injected (and `prompt_delta [b, n, d]`
+        added to the input embeddings, when given)."""
         embeds = self.backbone.embed_tokens(input_ids)
         memory_embeds = self.memory_embeddings(memory, deterministic)
         embeds = inject_memory(embeds, input_ids, memory_embeds, self.config.mem_token_id)
+        if prompt_delta is not None:
+            embeds = embeds + prompt_delta.astype(embeds.dtype)
         return self.backbone.encode(None, input_mask, inputs_embeds=embeds, deterministic=deterministic)
 
     def __call__(
@@ -385,27 +461,35 @@ class OneSearchModel(nn.Module):
         memory: Array,
         labels: Array,
         deterministic: bool = True,
+        prompt_delta: Array | None = None,
     ) -> Array:
         """Teacher-forced logits `[b, t, vocab]` float32 for `labels [b, t]` (right-padded with pad_token_id).
 
-        input_ids / input_mask: right-padded prompts `[b, n]`; memory `[b, 9, memory_dim]`.
+        input_ids / input_mask: right-padded prompts `[b, n]`; memory `[b, 9, memory_dim]`; prompt_delta: optional
+        `[b, n, d_model]` added to the prompt's input embeddings after the `[MEM]` injection (FGM, `distill.py`).
         """
         cfg = self.config
         decoder_inputs = bart.shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        if prompt_delta is not None and prompt_delta.shape != (*input_ids.shape, cfg.d_model):
+            raise ValueError(f"prompt_delta must be {(*input_ids.shape, cfg.d_model)}, got {prompt_delta.shape}")
         if cfg.backbone == "bart":
-            hidden = self.encode(input_ids, input_mask, memory, deterministic)
+            hidden = self.encode(input_ids, input_mask, memory, deterministic, prompt_delta)
             logits, _ = self.backbone.decode(decoder_inputs, hidden, input_mask, deterministic=deterministic)
             return logits
         memory_embeds = self.memory_embeddings(memory, deterministic)
         tokens = jnp.concatenate([input_ids, decoder_inputs], axis=1)
         mask = jnp.concatenate([input_mask.astype(bool), jnp.ones(decoder_inputs.shape, bool)], axis=1)
-        with nn.intercept_methods(_embed_interceptor(memory_embeds, cfg.mem_token_id)):
+        delta = None
+        if prompt_delta is not None:  # prompt positions only, not the decoder part
+            delta = jnp.pad(prompt_delta, ((0, 0), (0, decoder_inputs.shape[1]), (0, 0)))
+        with nn.intercept_methods(_embed_interceptor(memory_embeds, cfg.mem_token_id, delta)):
             logits, _ = self.backbone(tokens, qwen2.positions_from_mask(mask), mask)
         return logits[:, input_ids.shape[1] :]
 
 
-def _embed_interceptor(memory_embeds: Array, mem_token_id: int):
-    """A Flax method interceptor that injects `memory_embeds` at `[MEM]` tokens of `embed_tokens` calls."""
+def _embed_interceptor(memory_embeds: Array, mem_token_id: int, delta: Array | None = None):
+    """A Flax method interceptor that injects `memory_embeds` at `[MEM]` tokens of `embed_tokens` calls (then adds
+    `delta [b, n, d]`, when given, to calls on `[b, n]` ids)."""
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -413,6 +497,8 @@ def _embed_interceptor(memory_embeds: Array, mem_token_id: int):
             ids = args[0]
             if ids.ndim == 2 and ids.shape[0] == memory_embeds.shape[0]:
                 out = inject_memory(out, ids, memory_embeds, mem_token_id)
+                if delta is not None and delta.shape[:2] == ids.shape:
+                    out = out + delta.astype(out.dtype)
         return out
 
     return interceptor
@@ -492,6 +578,96 @@ def generate(
         tree=tree,
         num_levels=num_levels,
         dead_token=config.pad_token_id,
+    )
+
+
+def sample_sids(
+    config: OneSearchConfig,
+    params: Any,
+    input_ids: Array,
+    input_mask: Array,
+    memory: Array,
+    rng: Array,
+    *,
+    num_samples: int,
+    tree: pt.PrefixTree | None,
+    num_levels: int,
+    temperature: float | Array = 1.0,
+) -> tuple[Array, Array]:
+    """G = num_samples ancestral samples per prompt, constrained to valid item SIDs by `tree` (None: free):
+    tokens [b, G, L] int32 and their behaviour log-probs [b, G, L] float32 (under the temperature-1 policy).
+
+    The log-probs are the full-vocabulary log-softmax of the unconstrained logits (what teacher forcing with
+    `OneSearchModel.__call__` gives), the samples are drawn from the tree-masked logits / `temperature` (a traced
+    scalar is fine). Rows b * G + j of the decoder are sample j of prompt b. Call inside jit.
+    """
+    if num_samples < 1 or num_levels < 1:
+        raise ValueError(f"num_samples {num_samples} and num_levels {num_levels} must be >= 1")
+    if tree is not None and tree.num_levels != num_levels:
+        raise ValueError(f"num_levels {num_levels} != tree.num_levels {tree.num_levels}")
+    model = OneSearchModel(config)
+    variables = {"params": params}
+    batch = input_ids.shape[0]
+    rows = batch * num_samples
+    if config.backbone == "bart":
+        hidden = model.apply(variables, input_ids, input_mask, memory, method=OneSearchModel.encode)
+        step_fn, carry = bart.make_step_fn(
+            bart.Bart(config.bart), params["backbone"], hidden, input_mask.astype(bool), num_levels + 1, num_samples
+        )
+        first_logits, carry = step_fn(carry, jnp.full((rows,), config.decoder_start_token_id, jnp.int32))
+    else:
+        memory_embeds = model.apply(variables, memory, method=OneSearchModel.memory_embeddings)
+        start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
+        tokens, mask = left_align(
+            jnp.concatenate([input_ids, start], axis=1),
+            jnp.concatenate([input_mask.astype(bool), jnp.ones((batch, 1), bool)], axis=1),
+        )
+        lm = qwen2.Qwen2LM(config.qwen2)
+        cache = qwen2.init_cache(config.qwen2, batch, tokens.shape[1] + num_levels - 1)
+        with nn.intercept_methods(_embed_interceptor(memory_embeds, config.mem_token_id)):
+            logits, cache = lm.apply(
+                {"params": params["backbone"]}, tokens, qwen2.positions_from_mask(mask), mask, cache
+            )
+        expand = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_samples)
+        first_logits = jnp.take(logits[:, -1], expand, axis=0)
+        carry = beam_search_lib.gather_kv_cache(cache, expand)
+
+        def step_fn(cache, toks):
+            toks = toks[:, None]
+            out, cache = lm.apply(
+                {"params": params["backbone"]}, toks, cache.next_positions()[:, None], jnp.ones(toks.shape, bool), cache
+            )
+            return out[:, -1], cache
+
+    def draw(logits, state, level, key):
+        logits = logits.astype(jnp.float32)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        if tree is not None:
+            logits = pt.constrain_logits(logits, tree, state, level)
+            sampled = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+            state = pt.advance(tree, state, level, sampled)
+        else:
+            sampled = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+        return sampled, jnp.take_along_axis(logprobs, sampled[:, None], axis=-1)[:, 0], state
+
+    keys = jax.random.split(rng, num_levels)
+    token, logp, state = draw(first_logits, pt.root_state((rows,)), 0, keys[0])
+
+    def body(loop, xs):
+        carry, token, state = loop
+        level, key = xs
+        logits, carry = step_fn(carry, token)
+        token, logp, state = draw(logits, state, level, key)
+        return (carry, token, state), (token, logp)
+
+    tokens, logps = token[None], logp[None]
+    if num_levels > 1:
+        levels = jnp.arange(1, num_levels, dtype=jnp.int32)
+        _, (rest, rest_logp) = jax.lax.scan(body, (carry, token, state), (levels, keys[1:]))
+        tokens, logps = jnp.concatenate([tokens, rest]), jnp.concatenate([logps, rest_logp])
+    return (
+        tokens.T.reshape(batch, num_samples, num_levels),
+        logps.T.reshape(batch, num_samples, num_levels).astype(jnp.float32),
     )
 
 

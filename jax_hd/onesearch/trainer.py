@@ -51,10 +51,14 @@ from jax_hd.data import catalog as catalog_lib
 from jax_hd.data.tokenizer import train_bpe_tokenizer
 from jax_hd.decoding import prefix_tree as pt
 from jax_hd.models import bart, qformer, qwen2
-from jax_hd.onesearch import evaluate, semantic_ids
+from jax_hd.onesearch import alignment, distill, evaluate, semantic_ids
+from jax_hd.onesearch import keywords as keywords_lib
 from jax_hd.onesearch import model as model_lib
 
-STAGES = ("stage1", "stage2", "stage3")
+SFT_STAGES = ("stage1", "stage2", "stage3")
+ALIGN_STAGES = ("dpo", "rl")
+STAGES = SFT_STAGES + ALIGN_STAGES
+SFT_KEYS = ("input_ids", "input_mask", "memory", "labels", "label_mask")
 F = config_lib.Field
 SCHEMA = {
     "seed": F(int, low=0),
@@ -86,6 +90,52 @@ SCHEMA = {
     "layout.num_memory": F(int, positive=True),
     "layout.max_task_tokens": F(int, positive=True),
     "layout.max_target_tokens": F(int, low=2),
+    "layout.max_keyword_tokens": F(int, positive=True),
+    "cot.enabled": F(bool),
+    "cot.keyword_file": F(str),
+    "cot.max_keywords": F(int, low=1, high=8),
+    "cot.teacher_keywords": F(str, choices=("preference", "core")),
+    "align.enabled": F(bool),
+    "align.max_prompts": F(int, positive=True),
+    "align.max_truth": F(int, positive=True),
+    "align.num_negatives": F(int, positive=True),
+    "align.ctr_prior_strength": F(float, positive=True),
+    "distill.mode": F(str, choices=distill.MODES),
+    "distill.kl_weight": F(float, low=0.0),
+    "distill.temperature": F(float, positive=True),
+    "distill.rdrop_weight": F(float, low=0.0),
+    "distill.fgm_epsilon": F(float, low=0.0),
+    "distill.fgm_kl": F(bool),
+    "distill.focal_gamma": F(float, low=0.0),
+    "distill.focal_scale": F(float, positive=True),
+    "distill.ema_decay": F(float, low=0.0, high=1.0),
+    "dpo.steps": F(int, low=0),
+    "dpo.lr": F(float, positive=True),
+    "dpo.warmup_steps": F(int, low=0),
+    "dpo.batch_size": F(int, positive=True),
+    "dpo.beta": F(float, positive=True),
+    "dpo.use_reward_gap_weight": F(bool),
+    "dpo.reward_gap_alpha": F(float, low=0.0),
+    "dpo.sft_weight": F(float, low=0.0),
+    "dpo.chosen_regularisation": F(bool),
+    "rl.steps": F(int, low=0),
+    "rl.lr": F(float, positive=True),
+    "rl.warmup_steps": F(int, low=0),
+    "rl.prompts_per_step": F(int, positive=True),
+    "rl.num_samples": F(int, low=2),
+    "rl.temperature": F(float, positive=True),
+    "rl.advantage": F(str, choices=alignment.ADVANTAGES),
+    "rl.gate": F(str, choices=alignment.GATES),
+    "rl.position_weights": F((tuple, list)),
+    "rl.item_advantage_weight": F(float, low=0.0),
+    "rl.sft_weight": F(float, low=0.0),
+    "rl.kl_coef": F(float, low=0.0),
+    "rl.clip_eps": F(float, positive=True),
+    "rl.order_value": F(float),
+    "rl.click_value": F(float),
+    "table.enabled": F(bool),
+    "table.dpo_steps": F(int, positive=True),
+    "table.rl_steps": F(int, positive=True),
     "model.backbone": F(str, choices=model_lib.BACKBONES),
     "model.d_model": F(int, positive=True),
     "model.encoder_layers": F(int, positive=True),
@@ -120,6 +170,20 @@ SCHEMA = {
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     config_lib.validate(config, SCHEMA)
+    for stage in ALIGN_STAGES:
+        if config[stage].steps and not config.align.enabled:
+            raise config_lib.ConfigError(f"config.{stage}.steps={config[stage].steps} needs config.align.enabled=True")
+    if config.rl.kl_coef:
+        raise config_lib.ConfigError(
+            "config.rl.kl_coef > 0 is not supported by the trainer (the released code's beta "
+            "is 0); alignment.policy_loss takes ref_logp for custom loops"
+        )
+    if config.distill.mode != "off" and not config.cot.enabled:
+        logging.warning(
+            "distill.mode=%s without cot.enabled: no keyword prompts, the teacher reads the student's "
+            "prompt and the KL is 0",
+            config.distill.mode,
+        )
     if config.eval.top_k > config.eval.num_beams * 64:
         raise config_lib.ConfigError(f"config.eval.top_k={config.eval.top_k} is far beyond the beam width")
 
@@ -211,21 +275,124 @@ def long_memory(tables: Sequence[np.ndarray], entity_rows: np.ndarray, sequences
 @dataclasses.dataclass(frozen=True, eq=False)
 class Examples:
     """input_ids `[n, L_in]` int32 (right-padded), labels `[n, L_out]` int32 (pad 0), long `[n, 3, max_long]` int32
-    entity ids (-1 pad), targets `[n]` int32 item rows (-1: not an item target), queries `[n]` str."""
+    entity ids (-1 pad), targets `[n]` int32 item rows (-1: not an item target), queries `[n]` str;
+    teacher_input_ids `[n, L_in]` int32 (only with `config.cot.enabled`, else None): the self-distillation teacher
+    prompt, the student's with the keyword segment (`model.add_keywords`); equal to input_ids where a row has no
+    keywords (every stage-1/2 row)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     long: np.ndarray
     targets: np.ndarray
     queries: np.ndarray
+    teacher_input_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def select(self, rows: np.ndarray) -> Examples:
+        teacher = None if self.teacher_input_ids is None else self.teacher_input_ids[rows]
         return Examples(
-            self.input_ids[rows], self.labels[rows], self.long[rows], self.targets[rows], self.queries[rows]
+            self.input_ids[rows], self.labels[rows], self.long[rows], self.targets[rows], self.queries[rows], teacher
         )
+
+
+def concat_examples(first: Examples, second: Examples) -> Examples:
+    """Rows of `first` then `second` (same padded lengths; teacher prompts on both or neither)."""
+    if (first.teacher_input_ids is None) != (second.teacher_input_ids is None):
+        raise ValueError("concat_examples: teacher prompts on one side only")
+    teacher = None
+    if first.teacher_input_ids is not None:
+        teacher = np.concatenate([first.teacher_input_ids, second.teacher_input_ids])
+    return Examples(
+        *(np.concatenate([getattr(first, f), getattr(second, f)]) for f in ("input_ids", "labels", "long", "targets")),
+        np.concatenate([first.queries, second.queries]).astype(np.str_),
+        teacher,
+    )
+
+
+BEHAVIOUR_LEVELS = ("search_order", "recommend_order", "click", "exposed", "same_category", "other_category")
+"""Spec §1.7's six behaviour levels (weights `BEHAVIOUR_WEIGHTS`); DPO negatives come from the bottom three:
+exposed-not-clicked, same category not exposed, a random item of another category."""
+BEHAVIOUR_WEIGHTS = (2.0, 1.5, 1.0, 0.5, 0.2, 0.0)
+NEGATIVE_LEVELS = (3, 4, 5)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CtrTable:
+    """Calibrated posterior CTR per (query, item) from the train log (spec §2.6 R_CTR).
+
+    ctr = (clicks + a * prior) / (impressions + a) with a = `strength` and prior = the item's own calibrated CTR
+    (item clicks + a * global CTR) / (item impressions + a), so unseen pairs fall back to the item, unseen items to
+    the global rate. pair_keys `[pairs]` int64 sorted (query row * num_items + item), pair_clicks /
+    pair_impressions `[pairs]` int64, item_prior `[items]` float64.
+    """
+
+    pair_keys: np.ndarray
+    pair_clicks: np.ndarray
+    pair_impressions: np.ndarray
+    item_prior: np.ndarray
+    strength: float
+    num_items: int
+
+    def __call__(self, query_rows: Any, items: Any) -> np.ndarray:
+        """`[n, c]` float32 CTRs of items `[n, c]` (catalog rows; negative -> 0) for query rows `[n]`."""
+        items = np.asarray(items, np.int64)
+        q = np.asarray(query_rows, np.int64).reshape(-1, *([1] * (items.ndim - 1)))
+        valid = items >= 0
+        keys = q * self.num_items + np.maximum(items, 0)
+        slot = np.clip(np.searchsorted(self.pair_keys, keys), 0, max(len(self.pair_keys) - 1, 0))
+        found = (self.pair_keys[slot] == keys) if len(self.pair_keys) else np.zeros(keys.shape, bool)
+        clicks = np.where(found, self.pair_clicks[slot] if len(self.pair_keys) else 0, 0)
+        imps = np.where(found, self.pair_impressions[slot] if len(self.pair_keys) else 0, 0)
+        prior = self.item_prior[np.maximum(items, 0)]
+        ctr = (clicks + self.strength * prior) / (imps + self.strength)
+        return np.where(valid, ctr, 0.0).astype(np.float32)
+
+
+def ctr_table(log: catalog_lib.QueryLog, query_row: dict[str, int], num_items: int, strength: float) -> CtrTable:
+    """The `CtrTable` of a (train) log; `query_row` maps every query of `log` to its row."""
+    if strength <= 0:
+        raise ValueError(f"ctr prior strength must be > 0, got {strength}")
+    q = np.asarray([query_row[x] for x in log.queries.tolist()], np.int64)[log.impression_session]
+    items = log.impressed_items.astype(np.int64)
+    clicked = log.clicked.astype(np.int64)
+    item_imps = np.bincount(items, minlength=num_items)
+    item_clicks = np.bincount(items, weights=clicked, minlength=num_items)
+    global_ctr = clicked.sum() / max(len(clicked), 1)
+    item_prior = (item_clicks + strength * global_ctr) / (item_imps + strength)
+    keys, inverse, imps = np.unique(q * num_items + items, return_inverse=True, return_counts=True)
+    clicks = np.bincount(inverse, weights=clicked, minlength=len(keys)).astype(np.int64)
+    return CtrTable(keys, clicks, imps.astype(np.int64), item_prior, float(strength), num_items)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AlignData:
+    """Behaviour-preference alignment data (spec §1.7 phase 2, §2.6), one row per sampled train session with a
+    click (`n` rows).
+
+    examples: the personalised prompts as in stage 3 (with teacher prompts when cot is on); labels / targets: the
+      chosen item's SID / row. sessions `[n]` int64 rows of `world.log`; query_rows `[n]` int32 (`Setup.query_row`).
+    truth `[n, T]` int32 item rows, ordered items first, then clicked ones (-1 pad); truth_ordered `[n, T]` bool.
+    chosen `[n]` int32: the top behaviour item (= truth[:, 0]).
+    negatives `[n, K]` int32 item rows (-1 pad) and negative_levels `[n, K]` int8 (index into BEHAVIOUR_LEVELS, -1
+      pad): drawn round-robin from exposed-not-clicked, same category not exposed, random other category; never a
+      truth item.
+    ctr: the calibrated CTR table (`item_rewards`).
+    """
+
+    examples: Examples
+    sessions: np.ndarray
+    query_rows: np.ndarray
+    truth: np.ndarray
+    truth_ordered: np.ndarray
+    chosen: np.ndarray
+    negatives: np.ndarray
+    negative_levels: np.ndarray
+    ctr: CtrTable
+
+    def __len__(self) -> int:
+        return len(self.sessions)
 
 
 @dataclasses.dataclass(eq=False)
@@ -253,6 +420,7 @@ class Setup:
     loo: dict[str, np.ndarray] | None
     info: dict[str, Any]
     cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    align: AlignData | None = None
 
     @property
     def input_length(self) -> int:
@@ -304,7 +472,7 @@ def build_model_config(
         pad_token_id=vocab.pad_id,
         num_memory_vectors=3 * len(config.sid.rq_sizes),
     )
-    max_len = max(64, input_len + 2 * config.layout.max_target_tokens)
+    max_len = max(64, input_len + 2 * label_length(config, vocab.num_levels))
     if m.backbone == "bart":
         b = bart.BartConfig(
             vocab_size=vocab.vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers,
@@ -322,6 +490,65 @@ def build_model_config(
     return model_lib.OneSearchConfig(qwen2=q, **common)
 
 
+def label_length(config: ml_collections.ConfigDict, num_levels: int) -> int:
+    """Padded label length: `layout.max_target_tokens`, grown with `cot.enabled` to hold `cot.max_keywords` keyword
+    SIDs + [EOS] and a keyword text target of `layout.max_keyword_tokens` + [EOS]."""
+    n = config.layout.max_target_tokens
+    if config.cot.enabled:
+        n = max(n, config.cot.max_keywords * num_levels + 1, config.layout.max_keyword_tokens + 1)
+    return n
+
+
+def simulated_world_of(config: ml_collections.ConfigDict) -> catalog_lib.SimulatedWorld:
+    """The simulated world of `config.seed` / `config.data` (what `prepare` trains on)."""
+    d = config.data
+    return catalog_lib.simulated_world(
+        config.seed, num_items=d.num_items, num_users=d.num_users, num_sessions=d.num_sessions,
+        num_intents=d.num_intents,
+    )  # fmt: skip
+
+
+def _category_members(catalog: catalog_lib.Catalog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items grouped by full category path: (category `[items]`, members sorted by category, offsets)."""
+    _, category = np.unique(np.asarray(["\x1f".join(p) for p in catalog.category_paths.tolist()]), return_inverse=True)
+    members = np.argsort(category, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(category))])
+    return category, members, offsets
+
+
+def draw_negatives(
+    rng: np.random.Generator,
+    exposed: np.ndarray,
+    banned: set[int],
+    chosen: int,
+    category: np.ndarray,
+    members: np.ndarray,
+    offsets: np.ndarray,
+    k: int,
+) -> tuple[list[int], list[int]]:
+    """`k` DPO negatives (item rows, behaviour levels), round-robin over the bottom levels (spec §1.7 phase 2):
+    exposed-not-clicked `exposed` (display order), same category as `chosen` not exposed, random other category.
+    Items in `banned` (the session's impressions and truth) are never drawn as unexposed negatives. Fewer than `k`
+    when the levels run out."""
+    c = int(category[chosen])
+    same = members[offsets[c] : offsets[c + 1]]
+    same = [int(i) for i in rng.permutation(same).tolist() if i not in banned][:k]
+    other = rng.integers(0, len(category), 4 * k + 8)
+    other = [int(i) for i in dict.fromkeys(other.tolist()) if category[i] != c and i not in banned][:k]
+    pools = [[int(i) for i in exposed], same, other]
+    items: list[int] = []
+    levels: list[int] = []
+    while len(items) < k and any(pools):
+        for level, pool in zip(NEGATIVE_LEVELS, pools, strict=True):
+            while pool and len(items) < k:
+                item = pool.pop(0)
+                if item not in items:
+                    items.append(item)
+                    levels.append(level)
+                    break
+    return items, levels
+
+
 def _user_sessions(log: catalog_lib.QueryLog, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sessions grouped by user (`users [sessions]` int rows) in time order: (order `[sessions]`, offsets)."""
     order = np.lexsort((np.arange(len(log)), log.timestamps, users))
@@ -332,11 +559,8 @@ def _user_sessions(log: catalog_lib.QueryLog, users: np.ndarray) -> tuple[np.nda
 def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> Setup:
     """Builds the world, SIDs, tokenizer, vocabulary and every stage's / evaluation set's examples."""
     t0 = time.time()
-    d, lay = config.data, config.layout
-    world = catalog_lib.simulated_world(
-        config.seed, num_items=d.num_items, num_users=d.num_users, num_sessions=d.num_sessions,
-        num_intents=d.num_intents,
-    )  # fmt: skip
+    d, lay, cot = config.data, config.layout, config.cot
+    world = simulated_world_of(config)
     cat, log = world.catalog, world.log
     n_items = len(cat)
     queries = sorted(set(log.queries.tolist()))
@@ -361,7 +585,9 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     vocab = model_lib.Vocab(len(tokenizer), sid_model.level_sizes, sid_model.level_offsets, profile_values)
     layout = model_lib.LayoutConfig(
         max_query_tokens=lay.max_query_tokens, max_recent=lay.max_recent, recent_query_tokens=lay.recent_query_tokens,
-        num_memory=lay.num_memory, max_task_tokens=lay.max_task_tokens, max_target_tokens=lay.max_target_tokens,
+        num_memory=lay.num_memory, max_task_tokens=lay.max_task_tokens,
+        max_target_tokens=label_length(config, vocab.num_levels),
+        max_keyword_tokens=lay.max_keyword_tokens if cot.enabled else 0,
     )  # fmt: skip
     input_len = layout.input_length(vocab.num_levels)
     model_config = build_model_config(config, vocab, embeddings.shape[1], input_len)
@@ -420,55 +646,90 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
             )  # fmt: skip
         else:
             uid = model_lib.behaviour_uid(item_codes[short], item_codes[long_items])
-        p = profile_row.get(user_id)
-        profile = [] if p is None else [f"gender:{world.users.genders[p]}", f"age:{world.users.age_buckets[p]}"]
         ids, _ = model_lib.build_input(
             vocab, layout, uid=uid, query_ids=tokens(query), query_sid=query_codes[query_row[query]],
             recent_queries=[(tokens(q), query_codes[query_row[q]]) for q in recent_q if q in query_row],
-            recent_items=[item_codes[i] for i in recent], profile=profile,
+            recent_items=[item_codes[i] for i in recent], profile=profile_of(user_id),
         )  # fmt: skip
         return ids, long
 
     context = catalog_lib.recent_context(log, history, k=max(lay.max_recent, 1))
 
-    def session_examples(rows: np.ndarray, which: str, limit: int) -> tuple[list, list, list, list]:
-        prompts, longs, targets, qs = [], [], [], []
+    def profile_of(user_id: str) -> list[str]:
+        p = profile_row.get(user_id)
+        return [] if p is None else [f"gender:{world.users.genders[p]}", f"age:{world.users.age_buckets[p]}"]
+
+    # V2 keyword thoughts per session (spec §2.3): the simulator's, or a keyword file's for this catalogue.
+    core_kw: list[tuple[str, ...]] = []
+    pref_kw: list[tuple[str, ...]] = []
+    if cot.enabled:
+        kw_file = None
+        if cot.keyword_file:
+            fingerprint = keywords_lib.catalogue_fingerprint(cat.item_ids.tolist())
+            kw_file = keywords_lib.read_keyword_file(cot.keyword_file, catalogue=fingerprint)
+        core_kw, pref_kw = keywords_lib.session_thoughts(log, kw_file)
+    teacher_kw = pref_kw if cot.teacher_keywords == "preference" else core_kw
+
+    def teacher_prompt(ids: np.ndarray, session: int) -> np.ndarray:
+        """The student prompt + the session's keyword segment (unchanged for -1 / a session without keywords)."""
+        if session < 0:
+            return ids
+        return model_lib.add_keywords(vocab, layout, ids, [tokens(k) for k in teacher_kw[session]])
+
+    def session_prompt(s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(personalised prompt ids, long entity ids [3, max_long]) of log session `s`."""
+        n = int(context["num_recent"][s])
+        user_id, t, query = str(log.user_ids[s]), int(log.timestamps[s]), str(log.queries[s])
+        u = user_of.get(user_id, -1)
+        long_slice = history.recent(u, t, d.max_long) if u >= 0 else slice(0, 0)
+        return context_example(
+            user_id,
+            t,
+            query,
+            context["recent_items"][s, :n].tolist(),
+            context["recent_queries"][s, :n].tolist(),
+            long_slice,
+        )
+
+    def session_examples(rows: np.ndarray, which: str, limit: int) -> tuple[list, list, list, list, list]:
+        prompts, longs, targets, qs, sessions = [], [], [], [], []
         for s in rows.tolist():
             imp = log.impressions(s)
             flags = log.ordered[imp] if which == "order" else log.clicked[imp]
             items = log.impressed_items[imp][flags]
             if not len(items):
                 continue
-            n = int(context["num_recent"][s])
-            user_id, t, query = str(log.user_ids[s]), int(log.timestamps[s]), str(log.queries[s])
-            u = user_of.get(user_id, -1)
-            long_slice = history.recent(u, t, d.max_long) if u >= 0 else slice(0, 0)
-            ids, long = context_example(
-                user_id,
-                t,
-                query,
-                context["recent_items"][s, :n].tolist(),
-                context["recent_queries"][s, :n].tolist(),
-                long_slice,
-            )
+            ids, long = session_prompt(s)
             for item in items.tolist():
                 prompts.append(ids)
                 longs.append(long)
                 targets.append(item)
-                qs.append(query)
+                qs.append(str(log.queries[s]))
+                sessions.append(s)
             if len(targets) >= limit:
                 break
-        return prompts, longs, targets, qs
+        return prompts, longs, targets, qs, sessions
 
-    def pack(prompts, longs, labels, targets, qs) -> Examples:
+    def pack(prompts, longs, labels, targets, qs, sessions=None) -> Examples:
+        """Padded examples; with cot on, teacher prompts from `sessions` (log rows, -1 none; None: teacher ==
+        student)."""
         x, _ = model_lib.pad_rows(prompts, input_len, vocab.pad_id)
         y, _ = model_lib.pad_rows(labels, layout.max_target_tokens, vocab.pad_id)
         long = np.stack(longs) if longs else np.full((len(prompts), 3, d.max_long), -1, np.int32)
-        return Examples(x, y, long, np.asarray(targets, np.int32), np.asarray(qs, dtype=np.str_))
+        teacher = None
+        if cot.enabled:
+            teacher = x.copy()
+            if sessions is not None:
+                rows = [teacher_prompt(p, s) for p, s in zip(prompts, sessions, strict=True)]
+                teacher, _ = model_lib.pad_rows(rows, input_len, vocab.pad_id)
+        return Examples(x, y, long, np.asarray(targets, np.int32), np.asarray(qs, dtype=np.str_), teacher)
 
     rng = np.random.default_rng(config.seed)
     sid_tok = vocab.sid_tokens
-    target = functools.partial(model_lib.build_target, vocab, layout)
+    # V1 targets keep the configured length (identical rows with cot on); CoT targets use the grown label length.
+    target = functools.partial(
+        model_lib.build_target, vocab, dataclasses.replace(layout, max_target_tokens=lay.max_target_tokens)
+    )
     task = functools.partial(model_lib.build_task_input, vocab, layout)
 
     # 3a. Stage 1: semantic alignment.
@@ -515,9 +776,13 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
 
     # 3c. Stage 3: personalised samples + sliding windows over users' train click sequences.
     train_rows = np.flatnonzero(log.splits == "train")
-    prompts, longs, targets3, qs3 = session_examples(rng.permutation(train_rows), "click", d.max_examples)
+    prompts, longs, targets3, qs3, sessions3 = session_examples(rng.permutation(train_rows), "click", d.max_examples)
     num_base = len(prompts)
     num_window = 0
+    session_at: dict[tuple[str, int, str], int] = {}
+    if cot.enabled:  # a history event's session, for its keywords
+        keys = zip(log.user_ids.tolist(), log.timestamps.tolist(), log.queries.tolist(), strict=True)
+        session_at = {key: s for s, key in enumerate(keys)}
     if d.sliding_window and lay.max_recent > 0:
         train_history = catalog_lib.history_from_log(log, splits=("train",))
         for u in rng.permutation(len(train_history)).tolist():
@@ -539,20 +804,71 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
                 longs.append(long)
                 targets3.append(nxt)
                 qs3.append(query)
+                sessions3.append(session_at.get((user_id, when, query), -1))
                 num_window += 1
     labels3 = [target(sid_tok(item_codes[i]), eos=False) for i in targets3]
     stages = {
         "stage1": task_examples(s1),
         "stage2": task_examples(s2),
-        "stage3": pack(prompts, longs, labels3, targets3, qs3),
+        "stage3": pack(prompts, longs, labels3, targets3, qs3, sessions3),
     }
+
+    # 3d. V2: the four keyword CoT tasks join stage 1 (own rng: the V1 rows above are unchanged).
+    num_cot = 0
+    if cot.enabled:
+        cot_rng = np.random.default_rng([config.seed, 0xC07])
+        query_core: dict[str, tuple[str, ...]] = {}
+        for q, kws in zip(log.queries.tolist(), core_kw, strict=True):
+            if kws and q not in query_core:
+                query_core[q] = kws[: cot.max_keywords]
+        pkw_sessions = [s for s in cot_rng.permutation(train_rows).tolist() if pref_kw[s]][: d.max_examples // 4]
+        kw_texts = sorted(
+            {k for kws in query_core.values() for k in kws} | {k for s in pkw_sessions for k in pref_kw[s]}
+        )
+        kw_codes = {}
+        if kw_texts:
+            codes_kw = semantic_ids.encode(sid_model, embed_texts(kw_texts, config, cache_dir))
+            kw_codes = dict(zip(kw_texts, codes_kw, strict=True))
+
+        cot_target = functools.partial(model_lib.build_target, vocab, layout, eos=True)
+
+        def kw_text(kws: Sequence[str]) -> np.ndarray:
+            return cot_target(model_lib.keyword_tokens(vocab, [tokens(k) for k in kws], lay.max_keyword_tokens))
+
+        def kw_sids(kws: Sequence[str]) -> np.ndarray:
+            return cot_target(np.concatenate([sid_tok(kw_codes[k]) for k in kws[: cot.max_keywords]]))
+
+        s1_cot: list[tuple[np.ndarray, np.ndarray]] = []
+        for q in queries:
+            if q in query_core:
+                s1_cot += [
+                    (task("[Q2KW]", tokens(q)), kw_text(query_core[q])),
+                    (task("[QSID2KWSID]", sid_tok(query_codes[query_row[q]])), kw_sids(query_core[q])),
+                ]
+        # "User info" = the personalised layout's recent queries (text + SID) and profile tokens.
+        for s in pkw_sessions:
+            n = int(context["num_recent"][s])
+            recent_q = [(tokens(x), query_codes[query_row[x]]) for x in context["recent_queries"][s, :n].tolist()]
+            user_task = functools.partial(
+                model_lib.build_user_task_input, vocab, layout, recent_queries=recent_q,
+                profile=profile_of(str(log.user_ids[s])),
+            )  # fmt: skip
+            query = str(log.queries[s])
+            s1_cot += [
+                (user_task("[Q2PKW]", tokens(query)), kw_text(pref_kw[s])),
+                (user_task("[QSID2PKWSID]", sid_tok(query_codes[query_row[query]])), kw_sids(pref_kw[s])),
+            ]
+        s1_cot = [s1_cot[i] for i in cot_rng.permutation(len(s1_cot))[: d.max_examples // 2]]
+        num_cot = len(s1_cot)
+        cot_ex = pack([p for p, _ in s1_cot], [], [y for _, y in s1_cot], [-1] * num_cot, [""] * num_cot)
+        stages["stage1"] = concat_examples(stages["stage1"], cot_ex)
 
     # 4. Evaluation pairs (test split), slices and the popularity baseline.
     test_rows = np.flatnonzero(log.splits == "test")
     eval_sets, eval_slices, popularity = {}, {}, {}
     for which in ("click", "order"):
-        p, lg, tg, qs = session_examples(test_rows, which, config.eval.max_pairs)
-        ex = pack(p, lg, [target(sid_tok(item_codes[i]), eos=False) for i in tg], tg, qs)
+        p, lg, tg, qs, ss = session_examples(test_rows, which, config.eval.max_pairs)
+        ex = pack(p, lg, [target(sid_tok(item_codes[i]), eos=False) for i in tg], tg, qs, ss)
         eval_sets[which] = ex
         q_counts = np.asarray([query_train_count[query_row[q]] for q in ex.queries.tolist()])
         eval_slices[which] = {
@@ -585,6 +901,57 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         loo_ex = pack(lp, ll, [target(sid_tok(item_codes[i]), eos=False) for i in lt], lt, [""] * len(lt))
         loo = {"input_ids": loo_ex.input_ids, "long": loo_ex.long, "targets": loo_ex.targets}
 
+    # 5. Alignment data (own rng): train sessions with a click, their behaviour sets, DPO negatives, CTR table.
+    align = None
+    if config.align.enabled:
+        al = config.align
+        al_rng = np.random.default_rng([config.seed, 0xA11])
+        category, members, cat_offsets = _category_members(cat)
+        a_prompts, a_longs, a_sessions, a_truth, a_ordered, a_negs, a_levels = [], [], [], [], [], [], []
+        for s in al_rng.permutation(train_rows).tolist():
+            if len(a_sessions) >= al.max_prompts:
+                break
+            imp = log.impressions(s)
+            items, clicked, ordered = log.impressed_items[imp], log.clicked[imp], log.ordered[imp]
+            if not clicked.any():
+                continue
+            truth = list(dict.fromkeys(items[ordered].tolist() + items[clicked & ~ordered].tolist()))
+            ids, long = session_prompt(s)
+            negs, levels = draw_negatives(
+                al_rng, items[~clicked], set(items.tolist()) | set(truth), truth[0], category, members, cat_offsets,
+                al.num_negatives,
+            )  # fmt: skip
+            a_prompts.append(ids)
+            a_longs.append(long)
+            a_sessions.append(s)
+            a_truth.append(truth[: al.max_truth])
+            a_ordered.append([bool(t in set(items[ordered].tolist())) for t in truth[: al.max_truth]])
+            a_negs.append(negs)
+            a_levels.append(levels)
+        n_al = len(a_sessions)
+
+        def padded(rows: list[list], width: int, fill: Any, dtype: Any) -> np.ndarray:
+            out = np.full((n_al, width), fill, dtype)
+            for i, r in enumerate(rows):
+                out[i, : len(r)] = r
+            return out
+
+        truth_arr = padded(a_truth, al.max_truth, -1, np.int32)
+        chosen = truth_arr[:, 0] if n_al else np.zeros(0, np.int32)
+        a_queries = [str(log.queries[s]) for s in a_sessions]
+        a_labels = [target(sid_tok(item_codes[i]), eos=False) for i in chosen.tolist()]
+        align = AlignData(
+            examples=pack(a_prompts, a_longs, a_labels, chosen.tolist(), a_queries, a_sessions),
+            sessions=np.asarray(a_sessions, np.int64),
+            query_rows=np.asarray([query_row[q] for q in a_queries], np.int32),
+            truth=truth_arr,
+            truth_ordered=padded(a_ordered, al.max_truth, False, bool),
+            chosen=chosen,
+            negatives=padded(a_negs, al.num_negatives, -1, np.int32),
+            negative_levels=padded(a_levels, al.num_negatives, -1, np.int8),
+            ctr=ctr_table(train, query_row, n_items, al.ctr_prior_strength),
+        )
+
     tree = pt.build_prefix_tree(
         item_codes, vocab.level_sizes, level_offsets=vocab.sid_token_offsets, vocab_size=vocab.vocab_size
     )
@@ -597,10 +964,20 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         "eval_slices": {k: {s: int(m.sum()) for s, m in v.items()} for k, v in eval_slices.items()},
         "prepare_seconds": round(time.time() - t0, 1),
     }  # fmt: skip
+    if cot.enabled:
+        s3 = stages["stage3"]
+        info["cot"] = {
+            "stage1_cot_examples": num_cot,
+            "keyword_source": cot.keyword_file or keywords_lib.SIMULATOR_SOURCE,
+            "stage3_rows_with_keywords": int((s3.teacher_input_ids != s3.input_ids).any(axis=1).sum()),
+            "sessions_with_keywords": int(sum(bool(k) for k in teacher_kw)),
+        }
+    if align is not None:
+        info["align_prompts"] = len(align)
     logging.info("onesearch data: %s", json.dumps(info))
     return Setup(
         config, world, vocab, layout, model_config, sid_model, item_codes, query_codes, query_row, tables,
-        entity_rows, tree, collisions, item_clicks, stages, eval_sets, eval_slices, popularity, loo, info,
+        entity_rows, tree, collisions, item_clicks, stages, eval_sets, eval_slices, popularity, loo, info, align=align,
     )  # fmt: skip
 
 
@@ -623,16 +1000,21 @@ class _Batch:
 def make_batch(
     examples: Examples, rows: np.ndarray, tables: Sequence[np.ndarray], entity_rows: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """`{'input_ids', 'input_mask' [b, L_in], 'memory' [b, 9, d], 'labels', 'label_mask' [b, L_out]}` of `rows`."""
+    """`{'input_ids', 'input_mask' [b, L_in], 'memory' [b, 9, d], 'labels', 'label_mask' [b, L_out]}` of `rows`,
+    + `'teacher_input_ids', 'teacher_input_mask' [b, L_in]` when the examples carry teacher prompts (cot on)."""
     input_ids = examples.input_ids[rows]
     labels = examples.labels[rows]
-    return {
+    batch = {
         "input_ids": input_ids,
         "input_mask": input_ids != 0,
         "memory": long_memory(tables, entity_rows, examples.long[rows]),
         "labels": labels,
         "label_mask": labels != 0,
     }
+    if examples.teacher_input_ids is not None:
+        teacher = examples.teacher_input_ids[rows]
+        batch.update(teacher_input_ids=teacher, teacher_input_mask=teacher != 0)
+    return batch
 
 
 def make_iterator(setup: Setup, stage: str, batch_size: int, seed: int) -> grain.DatasetIterator:
@@ -650,6 +1032,29 @@ def make_iterator(setup: Setup, stage: str, batch_size: int, seed: int) -> grain
     return iter(ds.to_iter_dataset())
 
 
+def item_rewards(
+    setup: Setup, rows: Any, items: Any, *, order_value: float = 4.0, click_value: float = 3.0
+) -> dict[str, np.ndarray]:
+    """Composite reward of ANY items for alignment prompts (spec §2.6): R_item = R_C&O + R_CTR + R_Rel.
+
+    rows: `[n]` rows of `setup.align`; items: `[n, c]` catalog rows (-1: an invalid SID, scores 0 everywhere).
+    Returns `[n, c]` float32 arrays 'relevance' (0-3, `catalog.intent_relevance`), 'ctr' (calibrated, clipped to
+    [0, 1]), 'click_order' (`order_value` if ordered in the session, `click_value` if clicked, else 0) and 'total'.
+    """
+    align = setup.align
+    if align is None:
+        raise ValueError("item_rewards needs alignment data: set config.align.enabled=True")
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    items = np.asarray(items, np.int64)
+    relevance = catalog_lib.intent_relevance(setup.world, align.sessions[rows], items).astype(np.float32)
+    ctr = np.clip(align.ctr(align.query_rows[rows], items), 0.0, 1.0)
+    truth, ordered = align.truth[rows][:, None, :], align.truth_ordered[rows][:, None, :]
+    hit = (items[..., None] == truth) & (truth >= 0) & (items[..., None] >= 0)
+    click_order = np.where((hit & ordered).any(-1), order_value, np.where(hit.any(-1), click_value, 0.0))
+    click_order = click_order.astype(np.float32)
+    return {"relevance": relevance, "ctr": ctr, "click_order": click_order, "total": relevance + ctr + click_order}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Train state and step.
 
@@ -664,10 +1069,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
 
 
-def learning_rate(config: ml_collections.ConfigDict, steps: int, step: int) -> float:
-    """Warm-up + cosine decay over a stage of `steps` updates, at update number `step` (0-based)."""
-    t = config.trainer
-    schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(min(t.warmup_steps, steps - 1), 1), max(steps, 2))
+def learning_rate(peak: float, warmup_steps: int, steps: int, step: int) -> float:
+    """Warm-up to `peak` + cosine decay over a stage of `steps` updates, at update number `step` (0-based)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(min(warmup_steps, steps - 1), 1), max(steps, 2))
     return float(schedule(step))
 
 
@@ -709,9 +1113,7 @@ def make_train_step(
     dropout = model_config.bart.dropout if model_config.backbone == "bart" else 0.0
 
     def step(state: train_state.TrainState, batch: dict[str, jax.Array], lr: jax.Array):
-        clip_state, adam_state = state.opt_state
-        adam_state = adam_state._replace(hyperparams={**adam_state.hyperparams, "learning_rate": lr})
-        state, rng = state.replace(opt_state=(clip_state, adam_state)).split_rng()
+        state, rng = state.replace(opt_state=optax.tree.set(state.opt_state, learning_rate=lr)).split_rng()
         grad_fn = jax.value_and_grad(functools.partial(loss_fn, model, train=dropout > 0), has_aux=True)
         (loss, accuracy), grads = grad_fn(state.params, batch, rng)
         state = state.apply_gradients(grads, tx)
@@ -820,58 +1222,260 @@ def evaluate_stage(setup: Setup, params: Any, mesh: Mesh, rules: sharding.Rules)
 # ----------------------------------------------------------------------------------------------------------
 # The stages.
 
+STAGE_FIELDS = {
+    "stage1": ("trainer.stage1_steps",),
+    "stage2": ("trainer.stage2_steps",),
+    "stage3": ("trainer.stage3_steps", "distill"),
+    "dpo": ("dpo", "align"),
+    "rl": ("rl",),
+}
+"""Config fields read by one stage only; everything else that shapes training (data, SIDs, layout, model, cot,
+optimiser) belongs to every stage."""
+_NOT_TRAINING = ("preset", "mesh", "sharding_rules", "distributed", "eval", "trainer.log_every",
+                 "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.async_checkpoint")  # fmt: skip
+
+
+def _pop(tree: dict[str, Any], dotted: str) -> Any:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    return tree.pop(leaf, None)
+
+
+def active_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The three SFT stages, then "dpo" and "rl" when they have steps."""
+    return SFT_STAGES + tuple(s for s in ALIGN_STAGES if config[s].steps > 0)
+
+
+def stage_fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Per stage, a hash of every config field its params depend on (its own fields and all earlier stages'), so
+    runs that share a prefix of stages (the rows of the incremental table) share those stages' checkpoints."""
+    tree = json.loads(config.to_json_best_effort())
+    for name in _NOT_TRAINING:
+        _pop(tree, name)
+    own = {stage: {f: _pop(tree, f) for f in fields} for stage, fields in STAGE_FIELDS.items()}
+    digest = json.dumps(tree, sort_keys=True)
+    out = {}
+    for stage in STAGES:
+        digest = hashlib.sha1((digest + json.dumps(own[stage], sort_keys=True)).encode()).hexdigest()[:10]
+        out[stage] = digest
+    return out
+
+
+def stage_dir(config: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
+    """`<workdir>/<stage>-<fingerprint>`."""
+    return os.path.join(workdir, f"{stage}-{stage_fingerprints(config)[stage]}")
+
 
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
-    return int(config.trainer[f"{stage}_steps"])
+    return int(config[stage].steps if stage in ALIGN_STAGES else config.trainer[f"{stage}_steps"])
 
+
+def distill_config(config: ml_collections.ConfigDict) -> distill.DistillConfig:
+    return distill.DistillConfig(**config.distill.to_dict())
+
+
+def uses_distill_step(config: ml_collections.ConfigDict) -> bool:
+    """Stage 3 needs `distill.make_distill_step` (a teacher, R-Drop, FGM or focal loss) rather than the plain step."""
+    d = config.distill
+    return d.mode != "off" or d.rdrop_weight > 0 or d.fgm_epsilon > 0 or d.focal_gamma > 0 or d.focal_scale != 1.0
+
+
+def dpo_config(config: ml_collections.ConfigDict) -> alignment.DPOConfig:
+    d = config.dpo
+    return alignment.DPOConfig(
+        beta=d.beta, reward_gap_alpha=d.reward_gap_alpha, use_reward_gap_weight=d.use_reward_gap_weight,
+        sft_weight=d.sft_weight, chosen_regularisation=d.chosen_regularisation,
+    )  # fmt: skip
+
+
+def tpma_config(config: ml_collections.ConfigDict) -> alignment.TPMAConfig:
+    r = config.rl
+    return alignment.TPMAConfig(
+        num_samples=r.num_samples, temperature=r.temperature, position_weights=tuple(r.position_weights),
+        gate=r.gate, item_advantage_weight=r.item_advantage_weight, sft_weight=r.sft_weight, kl_coef=r.kl_coef,
+        advantage=r.advantage, clip_eps=r.clip_eps, order_value=r.order_value, click_value=r.click_value,
+    )  # fmt: skip
+
+
+def _row_iterator(num_rows: int, batch_size: int, seed: int) -> grain.DatasetIterator:
+    """A checkpointable, shuffled, repeated stream of `[batch_size]` row indices."""
+    if num_rows < batch_size:
+        raise ValueError(f"{num_rows} alignment prompts < batch size {batch_size}: raise align.max_prompts")
+    ds = grain.MapDataset.range(num_rows).shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset())
+
+
+def _sft_update(setup: Setup, stage: str, mesh: Mesh, rules: sharding.Rules, fns: dict[str, Any]):
+    """(state transform, update) of an SFT stage: the plain step, or the distillation step in stage 3."""
+    config = setup.config
+    if stage != "stage3" or not uses_distill_step(config):
+        step = fns["step"]
+        return (lambda state: state), lambda state, batch, lr: step(state, {k: batch[k] for k in SFT_KEYS}, lr)
+    cfg = distill_config(config)
+    key = ("distill", id(mesh), cfg)
+    if key not in setup.cache:
+        shardings = distill.teacher_shardings(fns["shardings"]) if cfg.mode == "ema" else fns["shardings"]
+        setup.cache[key] = distill.make_distill_step(setup.model_config, fns["tx"], shardings, mesh, cfg)
+    step = setup.cache[key]
+
+    def update(state, batch, lr):
+        if "teacher_input_ids" not in batch:  # no keywords anywhere (cot off): the teacher reads the student prompt
+            batch = {**batch, "teacher_input_ids": batch["input_ids"], "teacher_input_mask": batch["input_mask"]}
+        return step(state, batch, lr)
+
+    return (distill.init_ema_teacher if cfg.mode == "ema" else (lambda state: state)), update
+
+
+def _dpo_batch(setup: Setup, rows: np.ndarray, cfg: alignment.DPOConfig) -> dict[str, np.ndarray]:
+    """The DPO batch of alignment rows (without the reference log-probs): chosen = the top behaviour item's SID,
+    rejected = the negatives' SIDs `[b, K, t]`."""
+    align = setup.align
+    b = make_batch(align.examples, rows, setup.tables, setup.entity_rows)
+    negatives = align.negatives[rows]
+    length = setup.vocab.num_levels
+    rejected = np.zeros((*negatives.shape, b["labels"].shape[1]), np.int32)
+    rejected[..., :length] = setup.vocab.sid_tokens(setup.item_codes[np.maximum(negatives, 0)])
+    rejected *= (negatives >= 0)[..., None]
+    batch = {
+        "input_ids": b["input_ids"], "input_mask": b["input_mask"], "memory": b["memory"], "chosen": b["labels"],
+        "chosen_mask": b["label_mask"], "rejected": rejected, "rejected_mask_tokens": rejected != 0,
+        "rejected_valid": negatives >= 0,
+    }  # fmt: skip
+    if cfg.use_reward_gap_weight:
+        rewards = item_rewards(setup, rows, np.concatenate([align.chosen[rows][:, None], negatives], 1))["total"]
+        batch.update(reward_chosen=rewards[:, 0], reward_rejected=rewards[:, 1:])
+    return batch
+
+
+def _dpo_update(setup: Setup, mesh: Mesh, fns: dict[str, Any], reference_params: Any):
+    cfg = dpo_config(setup.config)
+    key = ("dpo", id(mesh), cfg)
+    if key not in setup.cache:
+        setup.cache[key] = (
+            alignment.make_reference_fn(setup.model_config),
+            alignment.make_dpo_step(setup.model_config, fns["tx"], fns["shardings"], mesh, cfg),
+        )
+    reference_fn, step = setup.cache[key]
+
+    def update(state, rows, lr):
+        batch = _dpo_batch(setup, rows, cfg)
+        ref_chosen, ref_rejected = reference_fn(reference_params, sharding.shard_batch(batch, mesh))
+        batch.update(ref_chosen=np.asarray(ref_chosen), ref_rejected=np.asarray(ref_rejected))
+        return step(state, sharding.shard_batch(batch, mesh), lr)
+
+    return update
+
+
+def _rl_update(setup: Setup, mesh: Mesh, fns: dict[str, Any]):
+    """One on-policy TPMA / GRPO update: sample G constrained SIDs per prompt with the current params, score them
+    (each SID's most popular item, `item_rewards`), advantages (`alignment.tpma_batch`), one policy step."""
+    config, align, vocab = setup.config, setup.align, setup.vocab
+    cfg = tpma_config(config)
+    if len(cfg.position_weights) != vocab.num_levels:
+        raise config_lib.ConfigError(
+            f"config.rl.position_weights has {len(cfg.position_weights)} entries for {vocab.num_levels} SID levels"
+        )
+    key = ("rl", id(mesh), cfg)
+    if key not in setup.cache:
+        setup.cache[key] = (
+            alignment.make_sample_fn(setup.model_config, setup.tree, vocab.num_levels, cfg),
+            alignment.make_policy_step(setup.model_config, fns["tx"], fns["shardings"], mesh, cfg),
+        )
+    sample_fn, step = setup.cache[key]
+    seed_key = jax.random.PRNGKey(config.seed + 101)
+
+    def update(state, rows, lr):
+        b = make_batch(align.examples, rows, setup.tables, setup.entity_rows)
+        inputs = sharding.shard_batch({k: b[k] for k in ("input_ids", "input_mask", "memory")}, mesh)
+        rng = jax.random.fold_in(seed_key, state.step)
+        tokens, old_logp = sample_fn(
+            state.params, inputs["input_ids"], inputs["input_mask"], inputs["memory"], rng,
+            np.float32(cfg.temperature),
+        )  # fmt: skip
+        tokens, old_logp = np.asarray(tokens), np.asarray(old_logp)
+        n, g, length = tokens.shape
+        codes = vocab.sid_codes(tokens)
+        items = evaluate.items_from_sids(codes.reshape(n * g, 1, length), setup.collisions, 1).reshape(n, g)
+        rewards = item_rewards(setup, rows, items, order_value=cfg.order_value, click_value=cfg.click_value)
+        truth = align.truth[rows]
+        truth_codes = [setup.item_codes[t[t >= 0]] for t in truth]
+        adv = alignment.tpma_batch(vocab, tokens, truth_codes, rewards["total"], cfg)
+        batch = {
+            **{k: b[k] for k in ("input_ids", "input_mask", "memory")}, "rollouts": tokens, "old_logp": old_logp,
+            "advantages": adv["advantages"], "gate": adv["gate"], "sft_labels": b["labels"],
+            "sft_mask": b["label_mask"],
+        }  # fmt: skip
+        state, step_metrics = step(state, sharding.shard_batch(batch, mesh), lr)
+        hit = ((items[..., None] == truth[:, None, :]) & (truth[:, None, :] >= 0)).any(-1)
+        return state, {
+            **step_metrics, "reward_mean": rewards["total"].mean(), "relevance_mean": rewards["relevance"].mean(),
+            "truth_hit_rate": hit.mean(), "distinct_per_prompt": np.mean([len(set(r)) for r in items.tolist()]),
+        }  # fmt: skip
+
+    return update
 
 
 def run_stage(
     setup: Setup,
     stage: str,
     params: Any,
-    workdir: str,
+    directory: str,
     mesh: Mesh,
     *,
     stop_at_step: int | None = None,
     evaluate_after: bool = True,
 ) -> tuple[Any, dict[str, Any] | None]:
-    """Trains one SFT stage from `params` (resuming `<workdir>/<stage>/checkpoints`), returns `(params, results)`.
+    """Trains one stage from `params` in `directory` (resuming its checkpoints), returns `(params, results)`.
 
-    A stage whose checkpoint already holds its last step is not retrained. `stop_at_step` stops (after saving) at
-    that step, as a preemption would: rerunning resumes. Results (None when stopped early or not evaluated) are
-    also written to `<workdir>/<stage>/results.json`.
+    SFT stages read `setup.stages[stage]` (stage 3 with self-distillation when configured); "dpo" and "rl" read
+    `setup.align`, with `params` as the DPO reference. A stage whose checkpoint already holds its last step is not
+    retrained. `stop_at_step` stops (after saving) at that step, as a preemption would: rerunning resumes. Results
+    (None when stopped early or not evaluated) are also written to `<directory>/results.json`.
     """
     config = setup.config
     t = config.trainer
     rules = sharding.normalize_rules(config.sharding_rules)
     steps = stage_steps(config, stage)
-    stage_dir = os.path.join(workdir, stage)
-    os.makedirs(stage_dir, exist_ok=True)
+    if stage in ALIGN_STAGES and setup.align is None:
+        raise config_lib.ConfigError(f"stage {stage!r} needs alignment data: set config.align.enabled=True")
+    os.makedirs(directory, exist_ok=True)
     fns = compiled(setup, mesh, rules)
-    rng = jax.random.PRNGKey(config.seed + 1 + STAGES.index(stage))
+    index = STAGES.index(stage)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = fns["init"](params, rng)
-    it = make_iterator(setup, stage, t.batch_size, config.seed + STAGES.index(stage))
+        state = fns["init"](params, jax.random.PRNGKey(config.seed + 1 + index))
+    if stage in SFT_STAGES:
+        prepare_state, update = _sft_update(setup, stage, mesh, rules, fns)
+        state = prepare_state(state)
+        it = make_iterator(setup, stage, t.batch_size, config.seed + index)
+        peak, warmup = t.lr, t.warmup_steps
+    else:
+        batch_size = config.dpo.batch_size if stage == "dpo" else config.rl.prompts_per_step
+        it = _row_iterator(len(setup.align), batch_size, config.seed + index)
+        update = _dpo_update(setup, mesh, fns, params) if stage == "dpo" else _rl_update(setup, mesh, fns)
+        peak, warmup = config[stage].lr, config[stage].warmup_steps
     ckpt = checkpoint.Checkpointer(
-        os.path.join(stage_dir, "checkpoints"), save_every=t.checkpoint_every, keep=t.keep_checkpoints,
+        os.path.join(directory, "checkpoints"), save_every=t.checkpoint_every, keep=t.keep_checkpoints,
         async_save=t.async_checkpoint,
     )  # fmt: skip
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, it)
     start = int(state.step)
     last = steps if stop_at_step is None else min(steps, stop_at_step)
-    results_path = os.path.join(stage_dir, "results.json")
+    results_path = os.path.join(directory, "results.json")
     if start >= steps and os.path.exists(results_path):
         ckpt.close()
         with open(results_path) as f:
             return state.params, json.load(f)
-    writer = metrics.MetricWriter(stage_dir, steps, start_step=start, console_keys=("loss", "accuracy"))
+    console = {"dpo": ("loss", "reward_accuracy"), "rl": ("loss", "reward_mean")}.get(stage, ("loss", "accuracy"))
+    writer = metrics.MetricWriter(directory, steps, start_step=start, console_keys=console)
     t0 = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start + 1, last + 1):
-            lr = np.float32(learning_rate(config, steps, step - 1))
-            state, step_metrics = fns["step"](state, sharding.shard_batch(next(it), mesh), lr)
+            lr = np.float32(learning_rate(peak, warmup, steps, step - 1))
+            batch = next(it)
+            batch = sharding.shard_batch(batch, mesh) if stage in SFT_STAGES else np.asarray(batch)
+            state, step_metrics = update(state, batch, lr)
             if step % t.log_every == 0 or step == last:
                 writer.write(step, dict(step_metrics))
             preempted = ckpt.should_stop(step)
@@ -886,7 +1490,7 @@ def run_stage(
         return state.params, None
     train_seconds = time.time() - t0
     if jax.process_index() == 0:
-        metrics.plot_metrics(writer.jsonl_path, os.path.join(stage_dir, "metrics.png"), ["loss", "accuracy"])
+        metrics.plot_metrics(writer.jsonl_path, os.path.join(directory, "metrics.png"), list(console))
     if not evaluate_after:
         return state.params, None
     t1 = time.time()
@@ -897,36 +1501,133 @@ def run_stage(
     return state.params, results
 
 
-def train(
-    config: ml_collections.ConfigDict, workdir: str, *, setup: Setup | None = None, mesh: Mesh | None = None
-) -> dict[str, Any]:
-    """All three SFT stages + evaluation after each; writes `results.json` and `results.md` (table) to `workdir`.
-
-    `setup` / `mesh` (tests) reuse an already prepared setup (and its compiled functions) and mesh."""
-    check_config(config)
+def _init_distributed(config: ml_collections.ConfigDict) -> None:
     d = config.distributed
     sharding.maybe_initialize_distributed(
         d.mode, d.coordinator_address or None, None if d.num_processes < 0 else d.num_processes,
         None if d.process_id < 0 else d.process_id,
     )  # fmt: skip
+
+
+def run_stages(
+    config: ml_collections.ConfigDict, workdir: str, setup: Setup, mesh: Mesh, *, evaluate_all: bool = True
+) -> dict[str, Any]:
+    """Every active stage in order, each in its fingerprinted directory (`stage_dir`); returns per-stage results
+    (evaluated after every stage, or after the last one only)."""
+    rules = sharding.normalize_rules(config.sharding_rules)
+    params = init_model_params(setup.model_config, config.seed, mesh, rules)
+    logging.info("model: %d parameters", model_lib.param_count(params))
+    all_results: dict[str, Any] = {}
+    stages = active_stages(config)
+    for stage in stages:
+        params, results = run_stage(
+            setup, stage, params, stage_dir(config, workdir, stage), mesh,
+            evaluate_after=evaluate_all or stage == stages[-1],
+        )  # fmt: skip
+        all_results[stage] = results
+        logging.info("%s: %s", stage, json.dumps(summary_row(results)))
+    return all_results
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, setup: Setup | None = None, mesh: Mesh | None = None
+) -> dict[str, Any]:
+    """The SFT stages (+ DPO, + RL when configured) with evaluation after each; writes `results.json` and
+    `results.md` (table) to `workdir`.
+
+    `setup` / `mesh` (tests) reuse an already prepared setup (and its compiled functions) and mesh."""
+    check_config(config)
+    _init_distributed(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or sharding.make_mesh(config.mesh)
-    rules = sharding.normalize_rules(config.sharding_rules)
     setup = setup or prepare(config, cache_dir=os.path.join(workdir, "cache"))
     write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     write_json(os.path.join(workdir, "data_info.json"), setup.info)
-    params = init_model_params(setup.model_config, config.seed, mesh, rules)
-    logging.info("model: %d parameters", model_lib.param_count(params))
-    all_results: dict[str, Any] = {"data": setup.info, "popularity": popularity_results(setup)}
-    for stage in STAGES:
-        params, results = run_stage(setup, stage, params, workdir, mesh)
-        all_results[stage] = results
-        logging.info("%s: %s", stage, json.dumps(summary_row(results)))
+    all_results = {"data": setup.info, "popularity": popularity_results(setup)}
+    all_results.update(run_stages(config, workdir, setup, mesh))
     write_json(os.path.join(workdir, "results.json"), all_results)
     if jax.process_index() == 0:
+        rows = [("popularity baseline", all_results["popularity"])]
+        rows += [(f"after {s}", all_results[s]) for s in active_stages(config)]
         with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(results_table(all_results, config.eval.top_k))
+            f.write(results_table(rows, config.eval.top_k))
     return all_results
+
+
+def incremental_table(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    rows: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    mesh: Mesh | None = None,
+) -> dict[str, Any]:
+    """Spec §2.8's incremental table: each row is `config` + its (cumulative) overrides, trained through its last
+    stage; rows share the checkpoints of the stages they have in common (`stage_fingerprints`). Writes
+    `incremental.json` and `incremental.md` (ours next to the paper's numbers) to `workdir`."""
+    _init_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    setups: dict[str, Setup] = {}
+    table: list[tuple[str, dict[str, Any]]] = []
+    out: dict[str, Any] = {}
+    for label, overrides in rows:
+        row_config = config.copy_and_resolve_references()
+        row_config.update_from_flattened_dict(overrides)
+        check_config(row_config)
+        data_key = json.dumps({k: row_config[k].to_dict() for k in ("data", "sid", "layout", "model", "cot", "align")},
+                              sort_keys=True, default=str) + str(row_config.seed)  # fmt: skip
+        if data_key not in setups:
+            setups[data_key] = prepare(row_config, cache_dir=os.path.join(workdir, "cache"))
+        if not out:
+            out["popularity"] = popularity_results(setups[data_key])
+            table.append(("popularity baseline", out["popularity"]))
+        setup = dataclasses.replace(setups[data_key], config=row_config)
+        results = run_stages(row_config, workdir, setup, mesh, evaluate_all=False)
+        last = active_stages(row_config)[-1]
+        out[label] = {"overrides": overrides, "stage": last, **results[last]}
+        table.append((label, results[last]))
+        write_json(os.path.join(workdir, "incremental.json"), out)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "incremental.md"), "w") as f:
+            f.write(results_table(table, config.eval.top_k, paper=PAPER_TABLE))
+    return out
+
+
+def incremental_rows(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of spec §2.8's incremental table (+ a DPO row), each the cumulative overrides of `config` (a V1
+    config): keyword CoT tasks, self-distillation, R-Drop 0.5, FGM 0.6, focal (gamma 3, scale 2), listwise DPO
+    (`table.dpo_steps`), GRPO on R_item (`table.rl_steps`), then TPMA in place of GRPO's sequence advantage.
+    Alignment data are built for every row (they do not change the SFT stages)."""
+    t = config.table
+    steps = [
+        ("OneSearch (V1)", {"align.enabled": True}),
+        ("+ CoT tasks", {"cot.enabled": True}),
+        ("+ self-distillation", {"distill.mode": "self"}),
+        ("+ R-Drop", {"distill.rdrop_weight": 0.5}),
+        ("+ FGM", {"distill.fgm_epsilon": 0.6}),
+        ("+ focal loss", {"distill.focal_gamma": 3.0, "distill.focal_scale": 2.0}),
+        ("+ DPO", {"dpo.steps": t.dpo_steps}),
+        ("+ GRPO", {"rl.steps": t.rl_steps, "rl.advantage": "sequence"}),
+        ("+ TPMA", {"rl.advantage": "position"}),
+    ]
+    rows, overrides = [], {}
+    for label, extra in steps:
+        overrides = {**overrides, **extra}
+        rows.append((label, overrides))
+    return rows
+
+
+PAPER_TABLE = {
+    "OneSearch (V1)": (0.2231, 0.0728, 0.2046, 0.0985, 0.9491),
+    "+ CoT tasks": (0.2266, 0.0731, 0.2094, 0.1008, 0.9456),
+    "+ self-distillation": (0.2398, 0.0757, 0.2163, 0.1017, 0.9660),
+    "+ R-Drop": (0.2398, 0.0760, 0.2168, 0.1045, 0.9653),
+    "+ FGM": (0.2422, 0.0766, 0.2180, 0.1047, 0.9728),
+    "+ focal loss": (0.2471, 0.0788, 0.2214, 0.1048, 0.9758),
+    "+ GRPO": (0.2481, 0.0798, 0.2248, 0.1106, 0.9838),
+    "+ TPMA": (0.2498, 0.0815, 0.2265, 0.1136, 0.9843),
+}
+"""OneSearch-V2 Table 5 (spec §2.8): click HR@10, click MRR@10, order HR@10, order MRR@10, click valid-SID rate."""
 
 
 def popularity_results(setup: Setup) -> dict[str, Any]:
@@ -951,17 +1652,21 @@ def summary_row(results: dict[str, Any] | None) -> dict[str, float]:
     return row
 
 
-def results_table(all_results: dict[str, Any], k: int) -> str:
-    """Markdown table: HR@K / MRR@K (click, order) per stage and for the popularity baseline."""
+def results_table(
+    rows: Sequence[tuple[str, dict[str, Any] | None]], k: int, *, paper: dict[str, Sequence[float]] | None = None
+) -> str:
+    """Markdown table of `(label, results)` rows: HR@K / MRR@K (click, order) and the unconstrained valid-ID rate;
+    with `paper`, each row's paper numbers (same columns) follow in brackets where the label matches."""
     cols = [f"click HR@{k}", f"click MRR@{k}", f"order HR@{k}", f"order MRR@{k}", "valid-ID rate (unconstr.)"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name in ("popularity", *STAGES):
-        r = all_results.get(name) or {}
+    for label, r in rows:
+        r = r or {}
         vals = []
         for which in ("click", "order"):
             m = r.get(which, {})
             vals += [f"{m.get(f'hr@{k}', float('nan')):.4f}", f"{m.get(f'mrr@{k}', float('nan')):.4f}"]
         vals.append(f"{r['unconstrained']['valid_id_rate']:.4f}" if "unconstrained" in r else "-")
-        label = "popularity baseline" if name == "popularity" else f"after {name}"
+        if paper and label in paper:
+            vals = [f"{v} ({p:.4f})" for v, p in zip(vals, paper[label], strict=True)]
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """OneSearch generator: vocabulary layout, behaviour uid (spec §1.5), input layout (§1.6), sliding windows, memory
 injection, both backbones' forward and constrained generation."""
 
+import dataclasses
 import functools
 import math
 
@@ -116,6 +117,35 @@ def test_task_input_target_and_padding():
     assert x.tolist() == [[1, 2, 0], [3, 0, 0]] and m.sum() == 3
     with pytest.raises(ValueError, match="row 1"):
         M.pad_rows([np.array([1]), np.array([1, 2, 3, 4])], 3)
+
+
+def test_keyword_segment_teacher_prompt_and_user_task_input():
+    sep, eos, kw = VOCAB.special("[SEP]"), VOCAB.special("[EOS]"), VOCAB.special("[KW]")
+    assert M.keyword_tokens(VOCAB, [[1, 2], [3], [4, 5, 6]], 6) == [1, 2, sep, 3]  # whole keywords only
+    assert M.keyword_tokens(VOCAB, [[1, 2, 3, 4, 5]], 3) == [1, 2, 3]  # a too-long first keyword is cut
+    layout = dataclasses.replace(LAYOUT, max_keyword_tokens=6)
+    assert layout.input_length(VOCAB.num_levels) == LAYOUT.input_length(VOCAB.num_levels) + 7
+    uid = np.stack([CODES[0], CODES[1]])
+    student, _ = M.build_input(
+        VOCAB, layout, uid=uid, query_ids=[5, 6, 7, 8], query_sid=CODES[2],
+        recent_queries=[([1, 2], CODES[0])] * 2, recent_items=[CODES[0]] * 2, profile=["gender:male", "age:18-23"],
+    )  # fmt: skip
+    short = M.add_keywords(VOCAB, layout, student, [[9, 10], [], [11], [12, 13, 14]])
+    assert short.tolist() == student[:-1].tolist() + [kw, 9, 10, sep, 11, eos]  # [12, 13, 14] does not fit
+    teacher = M.add_keywords(VOCAB, layout, student, [[9, 10], [11], [12]])
+    assert teacher.tolist() == student[:-1].tolist() + [kw, 9, 10, sep, 11, sep, 12, eos]
+    assert len(teacher) == layout.input_length(VOCAB.num_levels)  # full budgets: the longest teacher prompt
+    np.testing.assert_array_equal(M.add_keywords(VOCAB, layout, student, []), student)  # no keywords: unchanged
+    with pytest.raises(ValueError, match="must end with"):
+        M.add_keywords(VOCAB, layout, student[:-1], [[9]])
+    ids = M.build_user_task_input(
+        VOCAB, LAYOUT, "[Q2PKW]", [5, 6, 7, 8, 9], recent_queries=[([1, 2, 3], CODES[0])], profile=["gender:male"]
+    )
+    assert ids.tolist() == [
+        VOCAB.special("[BOS]"), VOCAB.special("[Q2PKW]"), 5, 6, 7, 8, sep, 1, 2, *VOCAB.sid_tokens(CODES[0]).tolist(),
+        sep, VOCAB.profile("gender:male"), eos,
+    ]  # fmt: skip
+    assert len(ids) <= LAYOUT.input_length(VOCAB.num_levels)
 
 
 @pytest.mark.parametrize("n,window,expected", [(7, 3, 6), (1, 5, 0), (0, 5, 0), (5, 10, 4)])

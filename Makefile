@@ -34,6 +34,7 @@ bench: $(VENV)/.test
 	$(PY) -m experiments.benchmarks.ig_overhead --out=runs/benchmarks/ig_overhead.json
 	$(PY) -m experiments.benchmarks.memory_bank --out=runs/benchmarks/memory_bank.json
 	$(PY) -m experiments.benchmarks.constrained_beam --out=runs/benchmarks/constrained_beam.json
+	$(PY) -m experiments.benchmarks.distill_step --out=runs/benchmarks/distill_step.json
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .

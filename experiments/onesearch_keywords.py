@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jax_hd.core import config as config_lib
+from jax_hd.core import metrics
 from jax_hd.onesearch import keywords, trainer
 
 
@@ -75,7 +76,7 @@ def run(
             batch_size=batch_size, save_every=save_every, resume=resume, query_types=query_types,
         )  # fmt: skip
     summary.update(source=source if source == "simulator" else f"hf:{hf_dir}", catalogue=fingerprint)
-    keywords.atomic_write_text(out_path + ".summary.json", json.dumps(summary, indent=2))
+    metrics.atomic_write_text(out_path + ".summary.json", json.dumps(summary, indent=2))
     print(
         f"{summary['num_written']}/{summary['num_requests']} rows written, {summary['num_failed']} failed, "
         f"{summary['num_resumed']} resumed -> {out_path}"

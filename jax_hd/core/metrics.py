@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -118,11 +119,25 @@ class MetricWriter:
         self.close()
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` through a temporary file in the same directory and a rename, so a reader
+    never sees a torn file; creates the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path: str, payload: Any) -> None:
-    """Writes `payload` as indented JSON (numpy scalars as floats), from process 0 only."""
+    """Writes `payload` as indented JSON (numpy scalars as floats), atomically, from process 0 only."""
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2, default=float)
+        atomic_write_text(path, json.dumps(payload, indent=2, default=float))
 
 
 def read_json(path: str) -> dict:

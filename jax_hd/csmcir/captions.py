@@ -29,13 +29,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
+from jax_hd.core import metrics
 from jax_hd.data import cir
 
 LEVELS = cir.CAPTION_LEVELS  # ("L1_global", "L2_attributes", "L3_discriminative", "Final_Caption")
@@ -270,21 +270,6 @@ def read_captions(path: str) -> dict[str, dict[str, str]]:
     return {image_id: _check_entry(image_id, value, path) for image_id, value in data.items()}
 
 
-def _write_json_atomic(path: str, data: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_captions(path: str, captions: Mapping[str, Mapping[str, str]]) -> None:
     """Writes `{image_id: {level: text}}` as UTF-8 JSON with sorted keys, atomically (temporary file + rename).
 
@@ -292,7 +277,7 @@ def write_captions(path: str, captions: Mapping[str, Mapping[str, str]]) -> None
       ValueError: an entry `read_captions` would reject (named by image id and level).
     """
     checked = {image_id: _check_entry(image_id, entry, f"captions for {path}") for image_id, entry in captions.items()}
-    _write_json_atomic(path, checked)
+    metrics.atomic_write_text(path, json.dumps(checked, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

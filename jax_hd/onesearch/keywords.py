@@ -31,11 +31,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jax_hd.core.metrics import atomic_write_text
 
 FORMAT = "onesearch_keywords/1"
 MAX_KEYWORDS = 8
@@ -195,20 +196,6 @@ def read_keyword_file(path: str, *, catalogue: str | None = None) -> KeywordFile
     if header is None:
         raise KeywordFileError(f"{path}: empty file (no header)")
     return KeywordFile(header["catalogue"], header["source"], tuple(entries))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_keyword_file(path: str, entries: Iterable[KeywordEntry], *, catalogue: str, source: str) -> None:

@@ -16,8 +16,6 @@ about 3-3.5x for the full step).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -166,9 +164,7 @@ def benchmark(config: Any, steps: int, batch_size: int, text_vocab: int, out: st
         "last_metrics": last_metrics,
         "step_seconds": times,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2)
+    metrics.write_json(out, payload)
     print(f"wrote {out}")
     return payload
 

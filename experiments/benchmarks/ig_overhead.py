@@ -14,7 +14,6 @@ first), so rollouts search.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -104,9 +103,7 @@ def benchmark(config: Any, warm_start_dir: str, steps: int, out: str) -> dict[st
           f"{ig_share:.1%} of a step without IG")
     payload = {"config": config.preset, "timed_steps": steps, "devices": jax.device_count(), "ratio": ratio,
                "ig_phase_over_step_without_ig": ig_share, "summary": summary, "steps": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2)
+    metrics.write_json(out, payload)
     print(f"wrote {out}")
     return payload
 

@@ -14,7 +14,6 @@ logits, bank bytes).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -124,9 +123,7 @@ def benchmark(config: Any, steps: int, workdir: str, out: str) -> dict[str, Any]
         "summary": summary,
         "step_seconds": times,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2)
+    metrics.write_json(out, payload)
     print(f"wrote {out}")
     return payload
 

@@ -522,6 +522,21 @@ def sequence_loss(logits: Array, labels: Array, label_mask: Array) -> tuple[Arra
     return jnp.sum(nll * weight) / denom, accuracy
 
 
+def _decoder_only_prompt(
+    model: OneSearchModel, variables: Any, input_ids: Array, input_mask: Array, memory: Array
+) -> tuple[Array, Array, Array]:
+    """Decoder-only decoding input: (memory embeddings `[b, N_M, d]`, the prompt + `[DEC]` left-aligned `[b, n + 1]`
+    and its mask)."""
+    batch = input_ids.shape[0]
+    memory_embeds = model.apply(variables, memory, method=OneSearchModel.memory_embeddings)
+    start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
+    tokens, mask = left_align(
+        jnp.concatenate([input_ids, start], axis=1),
+        jnp.concatenate([input_mask.astype(bool), jnp.ones((batch, 1), bool)], axis=1),
+    )
+    return memory_embeds, tokens, mask
+
+
 def generate(
     config: OneSearchConfig,
     params: Any,
@@ -553,12 +568,7 @@ def generate(
             gather_fn=bart.gather_cache,
             dead_token=config.pad_token_id,
         )
-    memory_embeds = model.apply(variables, memory, method=OneSearchModel.memory_embeddings)
-    start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
-    tokens, mask = left_align(
-        jnp.concatenate([input_ids, start], axis=1),
-        jnp.concatenate([input_mask.astype(bool), jnp.ones((batch, 1), bool)], axis=1),
-    )
+    memory_embeds, tokens, mask = _decoder_only_prompt(model, variables, input_ids, input_mask, memory)
     lm = qwen2.Qwen2LM(config.qwen2)
     prompt_len = tokens.shape[1]
 
@@ -616,12 +626,7 @@ def sample_sids(
         )
         first_logits, carry = step_fn(carry, jnp.full((rows,), config.decoder_start_token_id, jnp.int32))
     else:
-        memory_embeds = model.apply(variables, memory, method=OneSearchModel.memory_embeddings)
-        start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
-        tokens, mask = left_align(
-            jnp.concatenate([input_ids, start], axis=1),
-            jnp.concatenate([input_mask.astype(bool), jnp.ones((batch, 1), bool)], axis=1),
-        )
+        memory_embeds, tokens, mask = _decoder_only_prompt(model, variables, input_ids, input_mask, memory)
         lm = qwen2.Qwen2LM(config.qwen2)
         cache = qwen2.init_cache(config.qwen2, batch, tokens.shape[1] + num_levels - 1)
         with nn.intercept_methods(_embed_interceptor(memory_embeds, config.mem_token_id)):

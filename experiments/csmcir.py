@@ -15,7 +15,7 @@ steps in a row, exit with status 1 and a one-line message.
 
 from __future__ import annotations
 
-from jax_hd.core import checkpoint
+from jax_hd.core import checkpoint, train_state
 from jax_hd.core import config as config_lib
 from jax_hd.csmcir import trainer
 from jax_hd.data import cir
@@ -25,6 +25,6 @@ train = trainer.train
 if __name__ == "__main__":
     config_lib.run_experiment(
         train,
-        fatal=(checkpoint.CheckpointMismatchError, trainer.NonFiniteError, cir.CIRDataError),
+        fatal=(checkpoint.CheckpointMismatchError, train_state.NonFiniteError, cir.CIRDataError),
         preempted=(checkpoint.Preempted,),
     )

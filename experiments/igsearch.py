@@ -13,12 +13,12 @@ of another config or too many non-finite updates in a row exit with status 1 and
 
 from __future__ import annotations
 
-from jax_hd.core import checkpoint
+from jax_hd.core import checkpoint, train_state
 from jax_hd.core import config as config_lib
 from jax_hd.igsearch import trainer
 
 train = trainer.train
 
 if __name__ == "__main__":
-    config_lib.run_experiment(train, fatal=(checkpoint.CheckpointMismatchError, trainer.NonFiniteError),
+    config_lib.run_experiment(train, fatal=(checkpoint.CheckpointMismatchError, train_state.NonFiniteError),
                               preempted=(checkpoint.Preempted,))

@@ -9,6 +9,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -87,3 +88,49 @@ def abstract_train_state(
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract), shardings
     )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Skipping non-finite updates.
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a NaN/inf loss or gradient."""
+
+
+def all_finite(loss: jax.Array, grads: Any) -> jax.Array:
+    """Scalar bool: the loss and every gradient entry are finite."""
+    leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    return jnp.logical_and(jnp.isfinite(loss), jnp.all(jnp.stack(leaves)) if leaves else True)
+
+
+def guarded_update(state: TrainState, grads: Any, tx: optax.GradientTransformation, finite: jax.Array) -> TrainState:
+    """`state.apply_gradients(grads, tx)` when `finite`, else the same params and optimizer state; the step counts
+    either way (so a trainer's iteration number stays `step // updates_per_iteration`)."""
+    updated = state.apply_gradients(grads, tx)
+
+    def select(new: Any, old: Any) -> Any:
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    return updated.replace(params=select(updated.params, state.params),
+                           opt_state=select(updated.opt_state, state.opt_state))
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) updates on the host; raises `NonFiniteError` at `max_in_a_row`.
+
+    `limit_field` names the config field holding the limit, for the error message."""
+
+    def __init__(self, max_in_a_row: int, limit_field: str = "trainer.max_consecutive_nonfinite"):
+        self.max_in_a_row, self.limit_field, self.in_a_row = max_in_a_row, limit_field, 0
+
+    def update(self, skipped: bool, step: int) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        logging.warning("optimizer step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                        self.in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(f"{self.in_a_row} consecutive updates had a non-finite loss or gradient (last at "
+                                 f"optimizer step {step}); stopping ({self.limit_field})")

@@ -67,10 +67,9 @@ from jax_hd.csmcir import evaluate, losses
 from jax_hd.csmcir import memory_bank as bank_lib
 from jax_hd.csmcir import model as model_lib
 from jax_hd.data import cir
-from jax_hd.igsearch.trainer import NonFiniteError, NonFiniteGuard, all_finite, guarded_update
 from jax_hd.models import qformer, vit
 
-__all__ = ["NonFiniteError", "train"]
+__all__ = ["train"]
 
 BATCH_KEYS = ("ref_features", "text_ids", "text_mask", "tgt_features", "caption_ids", "caption_mask", "target_index")
 
@@ -579,8 +578,8 @@ def make_train_step(
         (loss, (aux, targets)), grads = grad_fn(
             state.params, batch, bank, state.step, step_rng if use_dropout else None
         )
-        finite = all_finite(loss, grads)
-        new_state = guarded_update(state, grads, tx, finite)
+        finite = train_state.all_finite(loss, grads)
+        new_state = train_state.guarded_update(state, grads, tx, finite)
         if bank is not None:
             enqueued = bank_lib.enqueue(bank, jax.lax.stop_gradient(targets), batch["target_index"], state.step)
             kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), enqueued, bank)
@@ -907,7 +906,7 @@ PLOT_KEYS = ("loss", "batch_acc", "num_negatives", "temperature", "bank_entropy"
 def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
     """Trains (resuming from `<workdir>/checkpoints`), evaluates, writes results; returns the final state.
 
-    Raises `checkpoint.Preempted` after saving on SIGTERM, `NonFiniteError` after too many skipped updates,
+    Raises `checkpoint.Preempted` after saving on SIGTERM, `train_state.NonFiniteError` after too many skipped updates,
     `ConfigError` for a bad config and `checkpoint.CheckpointMismatchError` for a checkpoint of another config.
     """
     check_config(config)
@@ -958,7 +957,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
             )
         best_path = os.path.join(workdir, "best.json")
         best = read_json(best_path)
-        guard = NonFiniteGuard(t.max_bad_steps_in_a_row)
+        guard = train_state.NonFiniteGuard(t.max_bad_steps_in_a_row, "train.max_bad_steps_in_a_row")
         writer = metrics.MetricWriter(
             workdir, r.num_steps, start_step=start, console_keys=("loss", "batch_acc", "select_score")
         )

@@ -746,28 +746,6 @@ def write_corpus_jsonl(passages: Iterable[WikiPassage], path: str | os.PathLike[
     write_jsonl((p.record() for p in passages), path)
 
 
-def read_corpus_jsonl(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Reads a Search-R1 corpus jsonl (e.g. `wiki-18.jsonl`), checking each row's `id` and `contents`.
-
-    Raises:
-      QADataError: naming the file, row and field of a bad row, or a repeated id.
-    """
-    path = os.fspath(path)
-    records = []
-    seen: set[str] = set()
-    for index, (line, row) in enumerate(_jsonl_objects(path)):
-        ctx = _RowContext(path, index, line, "", False, "", False)
-        record = {
-            "id": _id_text(_require(row, "id", ctx), "id", ctx),
-            "contents": _text(_require(row, "contents", ctx), "contents", ctx),
-        }
-        if record["id"] in seen:
-            raise QADataError(f"{ctx.where('id')}: repeated id {record['id']!r}")
-        seen.add(record["id"])
-        records.append(record)
-    return records
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Question generation helpers
 # ----------------------------------------------------------------------------------------------------------------------

@@ -133,8 +133,7 @@ SCHEMA = {
 }
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive updates had a NaN/inf loss or gradient."""
+
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -242,26 +241,6 @@ def loss_and_grads(
     return jax.tree.map(lambda x: x / num_micro, total)
 
 
-def all_finite(loss: jax.Array, grads: Any) -> jax.Array:
-    """Scalar bool: the loss and every gradient entry are finite."""
-    leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-    return jnp.logical_and(jnp.isfinite(loss), jnp.all(jnp.stack(leaves)) if leaves else True)
-
-
-def guarded_update(
-    state: train_state.TrainState, grads: Any, tx: optax.GradientTransformation, finite: jax.Array
-) -> train_state.TrainState:
-    """`state.apply_gradients(grads, tx)` when `finite`, else the same params and optimizer state; the step counts
-    either way (so the iteration number stays `step // updates_per_step`)."""
-    updated = state.apply_gradients(grads, tx)
-
-    def select(new: Any, old: Any) -> Any:
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-    return updated.replace(params=select(updated.params, state.params),
-                           opt_state=select(updated.opt_state, state.opt_state))
-
-
 def make_train_step(
     objective: Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]],
     tx: optax.GradientTransformation,
@@ -276,8 +255,8 @@ def make_train_step(
 
     def step(state: train_state.TrainState, batch: dict[str, jax.Array]):
         loss, aux, grads = loss_and_grads(objective, state.params, batch, num_micro)
-        finite = all_finite(loss, grads)
-        state = guarded_update(state, grads, tx, finite)
+        finite = train_state.all_finite(loss, grads)
+        state = train_state.guarded_update(state, grads, tx, finite)
         return state, {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads),
                        "skipped": 1.0 - finite.astype(jnp.float32)}
 
@@ -412,24 +391,6 @@ def group_statistics(rewards_: np.ndarray, answer_scores: np.ndarray, group_size
 # The runtime of a GRPO run: everything an iteration needs besides the state.
 
 
-class NonFiniteGuard:
-    """Counts consecutive skipped (non-finite) updates; raises `NonFiniteError` past `max_in_a_row`."""
-
-    def __init__(self, max_in_a_row: int):
-        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
-
-    def update(self, skipped: bool, step: int) -> None:
-        if not skipped:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        logging.warning("optimizer step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
-                        self.in_a_row)
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(f"{self.in_a_row} consecutive updates had a non-finite loss or gradient (last at "
-                                 f"optimizer step {step}); stopping (trainer.max_consecutive_nonfinite)")
-
-
 class PaddedPolicy:
     """A `rollout.Policy` that pads every `generate` call to a multiple of `quantum` rows (repeating the last
     context; the extra rows are dropped), so the sampler compiles a few batch sizes instead of one per number of
@@ -481,7 +442,7 @@ class Runtime:
     logprob_fn: Callable[..., jax.Array]
     train_step: Callable[..., Any]
     with_reference: bool
-    guard: NonFiniteGuard
+    guard: train_state.NonFiniteGuard
 
     @property
     def group_size(self) -> int:
@@ -553,7 +514,7 @@ def build_runtime(
         logprob_fn=make_logprob_fn(model, state_shardings.params, mesh),
         train_step=make_train_step(functools.partial(grpo_objective, model, grpo_config), tx, state_shardings, mesh,
                                    GRPO_KEYS, num_micro),
-        with_reference=config.grpo.kl_coef > 0, guard=NonFiniteGuard(t.max_consecutive_nonfinite),
+        with_reference=config.grpo.kl_coef > 0, guard=train_state.NonFiniteGuard(t.max_consecutive_nonfinite),
     )
 
 
@@ -818,7 +779,7 @@ def warm_start(
             state = state_from_params(params, tx, jax.random.PRNGKey(config.seed), shardings, False)
         model = qwen2.Qwen2LM(model_config)
         step_fn = make_train_step(functools.partial(sft_objective, model), tx, shardings, mesh, SFT_KEYS)
-        guard = NonFiniteGuard(config.trainer.max_consecutive_nonfinite)
+        guard = train_state.NonFiniteGuard(config.trainer.max_consecutive_nonfinite)
         start = int(state.step)
         writer = metrics.MetricWriter(directory, ws.steps, start_step=start, console_keys=("sft_loss",))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -946,7 +907,7 @@ def grpo_loop(
 def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
     """Warm start (if configured), then GRPO(+IG), resuming from `<workdir>` checkpoints; returns the final state.
 
-    Raises `checkpoint.Preempted` after saving on SIGTERM, `NonFiniteError` after too many skipped updates,
+    Raises `checkpoint.Preempted` after saving on SIGTERM, `train_state.NonFiniteError` after too many skipped updates,
     `ConfigError` for a bad config and `checkpoint.CheckpointMismatchError` for a checkpoint written by another
     config.
     """

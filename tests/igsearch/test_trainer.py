@@ -17,7 +17,7 @@ import pytest
 from flax import linen as nn
 
 from experiments.configs import igsearch as igsearch_configs
-from jax_hd.core import checkpoint, sharding
+from jax_hd.core import checkpoint, sharding, train_state
 from jax_hd.core import config as config_lib
 from jax_hd.data.qa import QAExample
 from jax_hd.data.tokenizer import train_bpe_tokenizer
@@ -180,11 +180,11 @@ def test_nonfinite_loss_skips_the_update_and_the_guard_stops_the_run():
     assert not np.allclose(jax.device_get(state.params)["embed_tokens"]["embedding"],
                            before["embed_tokens"]["embedding"])
 
-    guard = trainer.NonFiniteGuard(max_in_a_row=2)
+    guard = train_state.NonFiniteGuard(max_in_a_row=2)
     guard.update(True, 1)
     guard.update(False, 2)  # A finite update resets the count.
     guard.update(True, 3)
-    with pytest.raises(trainer.NonFiniteError, match="2 consecutive updates"):
+    with pytest.raises(train_state.NonFiniteError, match="2 consecutive updates"):
         guard.update(True, 4)
 
 

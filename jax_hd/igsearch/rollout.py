@@ -114,8 +114,9 @@ def encode_prompt(tokenizer: Any, question: str, dialect: str, use_chat_template
     """Prompt ids: the template as one user message through the tokenizer's chat template when it has one."""
     text = make_prompt(question, dialect)
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True))
+        # The template as text, then encoded: `tokenize=True` returns a BatchEncoding in transformers 5.
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

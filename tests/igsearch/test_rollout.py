@@ -145,3 +145,18 @@ def test_prompt_templates():
     assert "<refine>" in rollout.make_prompt("q?", "autorefine")
     with pytest.raises(ValueError, match="dialect"):
         rollout.RolloutConfig(dialect="react")
+
+
+def test_prompt_through_a_real_chat_template():
+    """An HF tokenizer with a chat template (transformers 5 returns a BatchEncoding for `tokenize=True`)."""
+    from jax_hd.data.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["who wrote Hamlet", "Question: answer"] * 20, vocab_size=300)
+    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ids = rollout.encode_prompt(tokenizer, "who wrote Hamlet", "autorefine")
+    assert all(isinstance(i, int) for i in ids)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|user|>") and text.endswith("Question: who wrote Hamlet?\n<|assistant|>")
+    plain = rollout.encode_prompt(tokenizer, "who wrote Hamlet", "autorefine", use_chat_template=False)
+    assert tokenizer.decode(plain) == rollout.make_prompt("who wrote Hamlet", "autorefine")

@@ -165,9 +165,11 @@ def run_rollouts(
     prompts: Sequence[Sequence[int]],
     config: RolloutConfig,
 ) -> tuple[list[Trajectory], dict[str, float]]:
-    """Runs every prompt's rollout to its answer, its budget or the last turn; returns (trajectories, stats)."""
+    """Runs every prompt's rollout to its answer, its end of turn (a segment ending with the tokenizer's EOS
+    without a search or an answer: no answer), its budget or the last turn; returns (trajectories, stats)."""
     trajectories = [Trajectory(prompt_ids=list(p)) for p in prompts]
     tag = OBSERVATION_TAGS[config.dialect]
+    eos_id = getattr(tokenizer, "eos_token_id", None)
     stats = {"observations_truncated": 0.0, "search_failures": 0.0}
 
     def generate(active: list[Trajectory], stop_strings: Sequence[str]) -> list[list[int]]:
@@ -197,6 +199,8 @@ def run_rollouts(
             elif action == "search":
                 token_span = char_span_to_token_span(tokenizer, segment, span)
                 searching.append((trajectory, content, (start + token_span[0], start + token_span[1])))
+            elif eos_id is not None and segment and segment[-1] == eos_id:  # Ended its turn: no answer.
+                trajectory.active = False
             else:
                 trajectory.num_invalid += 1
                 trajectory.append(tokenizer.encode(INVALID_ACTION_HINT, add_special_tokens=False), by_policy=False)
@@ -274,13 +278,15 @@ def pack_trajectories(
 
 
 class SamplerPolicy:
-    """A `Policy` backed by `sampling.Sampler` (stop strings: early exit on device, exact cut on the host)."""
+    """A `Policy` backed by `sampling.Sampler` (stop strings: early exit on device, exact cut on the host; the
+    tokenizer's EOS token also ends a segment)."""
 
     def __init__(self, sampler: sampling.Sampler, params: Any, tokenizer: Any, rng: jax.Array,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
         self.sampler, self.params, self.tokenizer = sampler, params, tokenizer
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self._rng, self._calls = rng, 0
+        self._eos_id = getattr(tokenizer, "eos_token_id", None)
 
     def generate(
         self, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_strings: Sequence[str]
@@ -291,6 +297,7 @@ class SamplerPolicy:
             self.params, contexts, max_new_tokens=max_new_tokens, rng=rng, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k,
             stop_sequences=sampling.stop_string_sequences(self.tokenizer, stop_strings),
+            stop_token_ids=[] if self._eos_id is None else [self._eos_id],
         )
         output, _ = sampling.truncate_at_stop_strings(output, self.tokenizer, stop_strings, self.sampler.config.pad_id)
         return [output.tokens[b, : output.lengths[b]].tolist() for b in range(len(contexts))]

@@ -160,3 +160,22 @@ def test_prompt_through_a_real_chat_template():
     assert text.startswith("<|user|>") and text.endswith("Question: who wrote Hamlet?\n<|assistant|>")
     plain = rollout.encode_prompt(tokenizer, "who wrote Hamlet", "autorefine", use_chat_template=False)
     assert tokenizer.decode(plain) == rollout.make_prompt("who wrote Hamlet", "autorefine")
+
+
+def test_a_segment_ending_with_eos_ends_the_rollout_without_an_answer():
+    class EosTokenizer(ByteTokenizer):
+        eos_token_id = 300
+
+        def decode(self, ids):
+            return super().decode([i for i in ids if i != self.eos_token_id])
+
+    class EosPolicy:
+        def generate(self, contexts, *, max_new_tokens, stop_strings):
+            return [TOKENIZER.encode("I do not know.") + [300] for _ in contexts]
+
+    client = SearchClient(retriever=FakeRetriever(), max_retries=1, backoff_s=0.0)
+    (t,), stats = rollout.run_rollouts(EosPolicy(), client, EosTokenizer(), [TOKENIZER.encode("Q?")],
+                                       rollout.RolloutConfig(max_turns=3))
+    assert not t.active and t.answer is None and t.num_turns == 1 and t.num_invalid == 0
+    assert t.response_ids == TOKENIZER.encode("I do not know.") + [300] and all(t.policy_mask)
+    assert stats["answer_rate"] == 0.0

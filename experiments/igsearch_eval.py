@@ -20,7 +20,6 @@ from flax import linen as nn
 
 from jax_hd.core import config as config_lib
 from jax_hd.core import sharding
-from jax_hd.data import qa
 from jax_hd.igsearch import evaluate, rollout, setup
 
 F = config_lib.Field
@@ -48,7 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_lib.validate(config, SCHEMA)
     sharding.maybe_initialize_distributed(config.distributed.mode)
     mesh = sharding.make_mesh(config.mesh)
-    world = qa.embedded_qa_world(config.data.world_seed) if config.data.source == "embedded" else None
+    world = setup.build_world(config.data)
     d = config.data
     examples = setup.load_examples(d.source, world, split=d.split, path=d.path, max_questions=d.max_questions)
     client = setup.build_search_client(config.retrieval, world)

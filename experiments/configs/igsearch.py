@@ -6,9 +6,12 @@
 
 Presets:
 * `cpu_test`: seconds; a tiny policy, a few warm-start steps, 2 GRPO steps of 4 prompts x 2 rollouts (tests).
-* `cpu_demo` (default): the embedded Wikipedia QA world with in-process BM25; a small Qwen2 with a locally trained
-  BPE tokenizer, warm-started on expert trajectories so it knows the format, then GRPO(+IG); about 10-15 minutes on
-  2 CPU cores.
+* `cpu_demo` (default): the compact QA world (`jax_hd/data/compact_qa.py`: real Wikipedia names, years and links,
+  one short passage per article, 1-hop and 2-hop year questions) with in-process BM25; a small Qwen2 with a
+  word-level tokenizer (copying a word is copying one token), briefly warm-started on expert trajectories so it
+  knows the format, then GRPO(+IG); see the preset's comment for its measured numbers and wall time.
+* `cpu_demo_wiki`: the full embedded Wikipedia cloze world (100-word passages, BPE tokenizer) with the same recipe;
+  too hard for a tiny policy to learn on a CPU (EM stays near 0), kept to measure that.
 * `qwen2_5_3b_tpu`: the paper's scale (spec 4.2, 9): Qwen2.5-3B from a local HF checkpoint, NQ + HotpotQA train
   set, a Search-R1-compatible retrieval server, 256 prompts x 5 rollouts, mini-batches of 256 sequences, lr 1e-6,
   clip 0.2, KL 0.001, top-3 documents, up to 5 searches, 300 steps; fsdp over all chips.
@@ -30,18 +33,20 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # source "embedded": the Wikipedia QA world (train split for GRPO, `eval_split` for EM). "search_r1": a train
     # parquet/jsonl at `train_path` and a test file or directory of per-benchmark files at `eval_path`.
     # max_*_questions <= 0: all.
+    # world (source "embedded"): "wiki" (qa.embedded_qa_world) or "compact" (compact_qa.compact_qa_world).
     c.data = ml_collections.ConfigDict(dict(
-        source="embedded", world_seed=0, train_path="", eval_path="", max_train_questions=-1, eval_split="test",
+        source="embedded", world="wiki", world_seed=0, train_path="", eval_path="", max_train_questions=-1, eval_split="test",
         max_eval_questions=200,
     ))
     c.retrieval = ml_collections.ConfigDict(
         dict(backend="bm25", index_dir="", url="http://127.0.0.1:8000/retrieve", timeout_s=30.0, max_retries=2)
     )
     # hf_dir: a local Qwen2/Qwen2.5 HF checkpoint; empty: the embedded tiny policy (fields below).
-    # tokenizer_max_texts > 0 trains the tokenizer on that many corpus passages (faster; tests).
+    # tokenizer (embedded policy): "bpe" (byte-level BPE of tokenizer_vocab_size) or "word" (word-level).
+    # tokenizer_max_texts > 0 trains the BPE tokenizer on that many corpus passages (faster; tests).
     # logits_chunk_size: log-probs of n positions at a time (0: all; paper scale needs it: 151k-token vocabulary).
     c.policy = ml_collections.ConfigDict(dict(
-        hf_dir="", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128, intermediate_size=384,
+        hf_dir="", tokenizer="bpe", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128, intermediate_size=384,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_chat_template=True, dtype="float32",
         remat=False, logits_chunk_size=0,
     ))
@@ -74,8 +79,10 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     ))
     # Supervised warm start on expert trajectories (embedded world only; steps=0 skips it). Queries: the first
     # max_query_words words of the question's quoted sentence; refine: refine_window_words words around the answer
-    # (0: the whole supporting sentence).
+    # (0: the whole supporting sentence). copy_steps > 0: first that many steps of copy pre-training on synthetic
+    # induction rows (copy_length random vocabulary tokens, then the same again; experts.copy_batch).
     c.warm_start = ml_collections.ConfigDict(dict(
+        copy_steps=0, copy_batch_size=32, copy_length=24,
         steps=400, num_examples=1500, batch_size=8, lr=3e-3, warmup_steps=20, max_query_words=8,
         refine_window_words=12, checkpoint_every=50,
     ))
@@ -94,6 +101,18 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.warm_start.update(steps=6, num_examples=32, batch_size=8, lr=3e-3, warmup_steps=1, checkpoint_every=3)
         c.eval.update(batch_size=8)
     elif preset == "cpu_demo":
+        c.data.update(world="compact", max_eval_questions=200)
+        c.policy.update(tokenizer="word", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+        c.rollout.update(max_turns=2, topk=3, max_segment_tokens=40, max_observation_tokens=96,
+                         max_response_tokens=256)
+        c.sampler.update(prompt_buckets=[128, 256, 384], new_token_buckets=[40], row_buckets=2)
+        c.ig.update(max_context_tokens=384, context_buckets=[128, 256, 384], answer_buckets=[4, 8])
+        c.trainer.update(steps=40, prompts_per_step=16, mini_batch_size=32, micro_batch_size=32, lr=1e-4,
+                         prompt_buckets=[128], response_buckets=[128, 192, 256], checkpoint_every=10)
+        c.warm_start.update(steps=300, num_examples=1500, batch_size=16, lr=3e-3, warmup_steps=20,
+                            refine_window_words=0, checkpoint_every=100)
+    elif preset == "cpu_demo_wiki":
         pass
     elif preset == "qwen2_5_3b_tpu":
         c.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -114,5 +133,5 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.warm_start.steps = 0
         c.eval.update(batch_size=512, before_grpo=True)
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose cpu_test, cpu_demo or qwen2_5_3b_tpu")
+        raise ValueError(f"unknown preset {preset!r}; choose cpu_test, cpu_demo, cpu_demo_wiki or qwen2_5_3b_tpu")
     return c

@@ -11,7 +11,8 @@ retrieved documents as loss-masked observations, query spans recorded):
     <answer> {gold answer} </answer><eos>                                  (policy)
 
 Two-hop (`bridge_*`) questions search twice: first for the sentence about article A (refined to the sentence that
-names the bridge article B), then for B's sentence (refined to the sentence holding the answer).
+names the bridge article B), then for B's sentence (refined to the sentence holding the answer). The compact world's
+questions (`compact_qa`) search for the article's name, and for the 2-hop ones then for the linked article's name.
 
 The refine block is the supporting sentence, or a window of `refine_window_words` words of it around the target.
 Queries are built from the question text: the quoted sentence(s) without the blank `___` and the bridge mask `X`,
@@ -27,7 +28,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from jax_hd.data import qa
+import numpy as np
+
+from jax_hd.data import compact_qa, qa
 from jax_hd.igsearch import rollout
 from jax_hd.retrieval.client import SearchClient, format_observation
 
@@ -37,7 +40,7 @@ _CLOZE = re.compile(r'^Which \w+ fills the blank in this sentence about (.*?): "
 _BRIDGE = re.compile(
     r'^A sentence about (.*?) reads: "(.*)" Which \w+ fills the blank in this sentence about X: "(.*)"\?$', re.DOTALL
 )
-_DOC_PREFIX = re.compile(r"^Doc \d+\(Title: .*?\) ")
+_DOC_PREFIX = re.compile(r"^Doc \d+ ?\( ?Title ?: .*?\) ")  # also as a word-level tokenizer decodes it
 _OBSERVATION_TAG = re.compile(r"</?(documents|information)>")
 
 
@@ -60,6 +63,14 @@ def expert_hops(example: qa.QAExample, max_query_words: int) -> list[Hop]:
     query for any other question)."""
     answer = example.golden_answers[0]
     question = example.question
+    match = compact_qa.MULTI_HOP_PATTERN.match(question)
+    if match and len(example.gold_article_ids) == 2:
+        bridge_name = qa.surface_title(example.gold_article_ids[1])
+        return [Hop(_query([match.group(1)], max_query_words), bridge_name),
+                Hop(_query([bridge_name], max_query_words), answer)]
+    match = compact_qa.SINGLE_HOP_PATTERN.match(question)
+    if match:
+        return [Hop(_query([match.group(1)], max_query_words), answer)]
     if example.question_type.startswith("bridge") and len(example.gold_article_ids) == 2:
         match = _BRIDGE.match(question)
         if match:
@@ -163,3 +174,17 @@ def expert_trajectories(
         if len(trajectory.response_ids) <= config.max_response_tokens:
             out.append(trajectory)
     return out
+
+
+def copy_batch(rng: np.random.Generator, token_ids: np.ndarray, batch_size: int, length: int) -> dict[str, np.ndarray]:
+    """A synthetic induction batch for the copy pre-training of a tiny policy: each row's prompt is `length` tokens
+    drawn uniformly from `token_ids` and its response is the same tokens again (all loss tokens), so the policy
+    learns to copy any token of its vocabulary, including words that no training question uses (test names).
+
+    Returns the `trainer.SFT_KEYS` arrays: prompt_tokens/prompt_mask `[batch, length]`, response_tokens/
+    response_mask/loss_mask `[batch, length]`.
+    """
+    tokens = rng.choice(token_ids, size=(batch_size, length)).astype(np.int32)
+    full = np.ones((batch_size, length), bool)
+    return {"prompt_tokens": tokens, "prompt_mask": full, "response_tokens": tokens.copy(), "response_mask": full,
+            "loss_mask": full.copy()}

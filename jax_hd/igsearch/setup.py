@@ -3,9 +3,10 @@ and its sampler. Shared by `experiments.igsearch_eval` and the trainer (`jax_hd.
 
 Two sources for each piece:
 
-* the embedded default: the Wikipedia QA world (`qa.embedded_qa_world`), in-process BM25 (or dense) retrieval over
-  its corpus, a byte-level BPE tokenizer trained locally on the corpus and the train questions, and a tiny Qwen2
-  (random init; the trainer warm-starts it);
+* the embedded default: a QA world built from the embedded Wikipedia summaries (`data.world`: the full cloze world
+  `qa.embedded_qa_world`, or the compact one `compact_qa.compact_qa_world`), in-process BM25 (or dense) retrieval
+  over its corpus, a tokenizer built locally on the corpus and the questions (byte-level BPE, or word-level so that
+  copying a word is copying one token), and a tiny Qwen2 (random init; the trainer warm-starts it);
 * real data: Search-R1 parquet/jsonl files, a retrieval index directory or an HTTP retrieval server, and a local HF
   Qwen2/Qwen2.5 checkpoint (weights loaded straight into their shardings).
 
@@ -26,12 +27,28 @@ from jax.sharding import Mesh
 
 from jax_hd.core import config as config_lib
 from jax_hd.core import sharding
-from jax_hd.data import qa
-from jax_hd.data.tokenizer import train_bpe_tokenizer
+from jax_hd.data import compact_qa, qa
+from jax_hd.data.tokenizer import train_bpe_tokenizer, train_word_tokenizer
 from jax_hd.decoding import sampling
+from jax_hd.igsearch import experts, rollout
 from jax_hd.models import hf_import, qwen2
 from jax_hd.retrieval import Retriever, bm25
 from jax_hd.retrieval.client import SearchClient
+
+WORLDS = ("wiki", "compact")
+
+
+def build_world(data: ml_collections.ConfigDict) -> qa.QAWorld | None:
+    """The embedded QA world of `data.world` ("wiki": `qa.embedded_qa_world`; "compact":
+    `compact_qa.compact_qa_world`) for `data.source == "embedded"`, else None."""
+    if data.source != "embedded":
+        return None
+    kind = data.get("world", "wiki")
+    if kind == "wiki":
+        return qa.embedded_qa_world(data.world_seed)
+    if kind == "compact":
+        return compact_qa.compact_qa_world(data.world_seed)
+    raise config_lib.ConfigError(f"data.world must be one of {WORLDS}, got {kind!r}")
 
 
 def load_examples(
@@ -83,12 +100,28 @@ def tokenizer_texts(world: qa.QAWorld, max_texts: int = -1) -> list[str]:
     return passages + [ex.question for ex in world.splits["train"]]
 
 
+def agent_texts() -> list[str]:
+    """The fixed texts a rollout shows the policy besides the world's: instructions, the expert's think block,
+    the invalid-action hint and an observation block (so a word-level vocabulary covers them)."""
+    observation = "Doc 1(Title: x) x\nDoc 2(Title: x) x\nDoc 3(Title: x) x\nDoc 4(Title: x) x\nDoc 5(Title: x) x"
+    return [*(qa.make_prompt("", dialect) for dialect in qa.PROMPT_TEMPLATES), experts.THINK_TEXT,
+            rollout.INVALID_ACTION_HINT, observation]
+
+
 def build_tokenizer(policy: ml_collections.ConfigDict, world: qa.QAWorld | None) -> Any:
-    """The HF checkpoint's tokenizer (`policy.hf_dir`), or a BPE tokenizer trained on the embedded world."""
+    """The HF checkpoint's tokenizer (`policy.hf_dir`), or one built on the embedded world: byte-level BPE
+    (`policy.tokenizer == "bpe"`) or word-level (`"word"`: every word of the corpus, of the questions of all
+    splits and of the agent's fixed texts is one token; `tokenizer_vocab_size` is then ignored)."""
     if policy.hf_dir:
         return hf_import.load_tokenizer(policy.hf_dir)
     if world is None:
         raise config_lib.ConfigError("policy.hf_dir is required unless data.source is 'embedded'")
+    kind = policy.get("tokenizer", "bpe")
+    if kind == "word":
+        questions = [ex.question for split in sorted(world.splits) for ex in world.splits[split]]
+        return train_word_tokenizer([p.contents for p in world.corpus] + questions + agent_texts())
+    if kind != "bpe":
+        raise config_lib.ConfigError(f"policy.tokenizer must be 'bpe' or 'word', got {kind!r}")
     texts = tokenizer_texts(world, policy.get("tokenizer_max_texts", -1))
     return train_bpe_tokenizer(texts, vocab_size=policy.tokenizer_vocab_size)
 

@@ -71,6 +71,7 @@ SCHEMA = {
     "mesh.tensor": F(int, low=-1),
     "distributed.mode": F(str, choices=("auto", "always", "never")),
     "data.source": F(str, choices=("embedded", "search_r1")),
+    "data.world": F(str, choices=setup.WORLDS),
     "data.world_seed": F(int, low=0),
     "data.max_train_questions": F(int),
     "data.eval_split": F(str),
@@ -78,6 +79,7 @@ SCHEMA = {
     "retrieval.backend": F(str, choices=("bm25", "dense", "http")),
     "retrieval.timeout_s": F(float, positive=True),
     "retrieval.max_retries": F(int, low=0),
+    "policy.tokenizer": F(str, choices=("bpe", "word")),
     "policy.tokenizer_vocab_size": F(int, low=300),
     "policy.use_chat_template": F(bool),
     "policy.logits_chunk_size": F(int, low=0),
@@ -127,6 +129,9 @@ SCHEMA = {
     "warm_start.max_query_words": F(int, positive=True),
     "warm_start.refine_window_words": F(int, low=0),
     "warm_start.checkpoint_every": F(int, positive=True),
+    "warm_start.copy_steps": F(int, low=0),
+    "warm_start.copy_batch_size": F(int, positive=True),
+    "warm_start.copy_length": F(int, positive=True),
     "sampler.row_buckets": F(int, positive=True),
     "eval.batch_size": F(int, positive=True),
     "eval.before_grpo": F(bool),
@@ -752,21 +757,32 @@ def expert_batch(
     return {k: packed[k] for k in SFT_KEYS}
 
 
+def copy_token_ids(tokenizer: Any) -> np.ndarray:
+    """The token ids the copy pre-training draws from: the whole vocabulary but the special tokens."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    return np.array([i for i in range(len(tokenizer)) if i not in special], np.int32)
+
+
 def warm_start(
     config: ml_collections.ConfigDict, mesh: Mesh, rules: tuple, model_config: qwen2.Qwen2Config, params: Any,
     examples: Sequence[qa.QAExample], tokenizer: Any, client: Any, workdir: str,
 ) -> Any:
-    """Supervised warm start of `params` (`warm_start.steps` steps of cross-entropy on expert trajectories of
-    `examples`); resumable from `<workdir>/warm_start/checkpoints`. Returns the trained params."""
+    """Supervised warm start of `params`, resumable from `<workdir>/warm_start/checkpoints`; returns the params.
+
+    Steps 1..`copy_steps`: copy pre-training on synthetic induction batches (`experts.copy_batch`, drawn from
+    `numpy.random.default_rng([seed, step])`, so a resumed run draws the same ones); then `steps` steps of
+    cross-entropy on expert trajectories of `examples`. One optimizer and one cosine schedule over both."""
     ws = config.warm_start
+    copy_steps = ws.get("copy_steps", 0)
+    total_steps = copy_steps + ws.steps
     directory = os.path.join(workdir, "warm_start")
-    tx = make_optimizer(ws.lr, total_steps=ws.steps, warmup_steps=ws.warmup_steps, schedule="cosine",
+    tx = make_optimizer(ws.lr, total_steps=total_steps, warmup_steps=ws.warmup_steps, schedule="cosine",
                         weight_decay=config.trainer.weight_decay, grad_clip_norm=config.trainer.grad_clip_norm)
     abstract, shardings = state_spec(model_config, tx, mesh, rules, with_reference=False)
     ckpt = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), save_every=ws.checkpoint_every, keep=2,
                                    async_save=config.trainer.async_checkpoint)
     try:
-        if ckpt.latest_step() == ws.steps:  # Finished earlier: only the params are needed.
+        if ckpt.latest_step() == total_steps:  # Finished earlier: only the params are needed.
             return ckpt.restore(abstract).params
         packed = expert_batch(config, examples, tokenizer, client)
         data_iter = prompt_iterator(len(packed["prompt_tokens"]), ws.batch_size, config.seed)
@@ -776,24 +792,31 @@ def warm_start(
             state = state_from_params(params, tx, jax.random.PRNGKey(config.seed), shardings, False)
         model = qwen2.Qwen2LM(model_config)
         step_fn = make_train_step(functools.partial(sft_objective, model), tx, shardings, mesh, SFT_KEYS)
+        token_ids = copy_token_ids(tokenizer)
         guard = train_state.NonFiniteGuard(config.trainer.max_consecutive_nonfinite)
         start = int(state.step)
-        writer = metrics.MetricWriter(directory, ws.steps, start_step=start, console_keys=("sft_loss",))
+        writer = metrics.MetricWriter(directory, total_steps, start_step=start, console_keys=("sft_loss",))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step in range(start + 1, ws.steps + 1):
-                rows = np.asarray(next(data_iter))
-                batch = pad_rows(select_rows(packed, rows), sharding.batch_parallelism(mesh))
+            for step in range(start + 1, total_steps + 1):
+                if step <= copy_steps:
+                    batch = experts.copy_batch(np.random.default_rng([config.seed, step]), token_ids,
+                                               ws.copy_batch_size, ws.copy_length)
+                else:
+                    batch = select_rows(packed, np.asarray(next(data_iter)))
+                batch = pad_rows(batch, sharding.batch_parallelism(mesh))
                 state, step_metrics = step_fn(state, to_device(batch, mesh))
                 guard.update(bool(step_metrics["skipped"] > 0), step)
-                if step % config.trainer.log_every == 0 or step == ws.steps:
-                    writer.write(step, step_metrics)
+                if step % config.trainer.log_every == 0 or step == total_steps:
+                    phase = "copy" if step <= copy_steps else "sft"
+                    writer.write(step, {**step_metrics, f"{phase}_loss": step_metrics["sft_loss"]})
                 preempted = ckpt.should_stop(step)
-                ckpt.save(step, state, data_iter, config, force=preempted or step == ws.steps)
+                ckpt.save(step, state, data_iter, config, force=preempted or step == total_steps)
                 if preempted:
                     raise checkpoint.Preempted(f"warm start step {step}")
         writer.close()
         if jax.process_index() == 0:
-            metrics.plot_metrics(writer.jsonl_path, os.path.join(directory, "metrics.png"), ["sft_loss"])
+            metrics.plot_metrics(writer.jsonl_path, os.path.join(directory, "metrics.png"),
+                                 ["sft_loss", "copy_loss"])
         return state.params
     finally:
         ckpt.close()
@@ -818,7 +841,7 @@ class Setup:
 def build_setup(config: ml_collections.ConfigDict) -> Setup:
     """QA splits, search client, tokenizer and model config (the embedded world is built once and shared)."""
     d = config.data
-    world = qa.embedded_qa_world(d.world_seed) if d.source == "embedded" else None
+    world = setup.build_world(d)
     train = setup.load_examples(d.source, world, split="train", path=d.train_path, max_questions=d.max_train_questions)
     evals = setup.load_examples(d.source, world, split=d.eval_split, path=d.eval_path,
                                 max_questions=d.max_eval_questions)

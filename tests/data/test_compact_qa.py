@@ -1,0 +1,117 @@
+"""The compact QA world: deterministic, disjoint splits, answers recoverable from what a search returns."""
+
+import dataclasses
+import re
+
+import ml_collections
+import pytest
+
+from jax_hd.data import compact_qa, qa
+from jax_hd.data.tokenizer import train_word_tokenizer
+from jax_hd.igsearch import evaluate, rollout, setup
+
+
+@pytest.fixture(scope="module")
+def world() -> qa.QAWorld:
+    return compact_qa.compact_qa_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    policy = ml_collections.ConfigDict(dict(hf_dir="", tokenizer="word", tokenizer_vocab_size=512))
+    return setup.build_tokenizer(policy, world)
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    return setup.build_search_client(ml_collections.ConfigDict(dict(backend="bm25", index_dir="", max_retries=0)),
+                                     world)
+
+
+def test_deterministic_per_seed(world):
+    assert qa.world_fingerprint(compact_qa.compact_qa_world(seed=0)) == qa.world_fingerprint(world)
+    assert qa.world_fingerprint(compact_qa.compact_qa_world(seed=1)) != qa.world_fingerprint(world)
+
+
+def test_splits_are_disjoint_and_mixed(world):
+    gold = {split: {t for ex in examples for t in ex.gold_article_ids} for split, examples in world.splits.items()}
+    assert not gold["train"] & gold["test"] and not gold["train"] & gold["dev"] and not gold["dev"] & gold["test"]
+    questions = {split: {ex.question for ex in examples} for split, examples in world.splits.items()}
+    assert not questions["train"] & questions["test"]
+    for split in ("dev", "test"):
+        hops = [ex.hops for ex in world.splits[split]]
+        assert len(hops) == 200 and hops.count(2) == 80, split
+
+
+def test_answers_are_in_the_gold_passages(world):
+    contents = {p.id: p.contents for p in world.corpus}
+    for ex in world.splits["test"]:
+        assert re.fullmatch(r"\d{4}", ex.golden_answers[0])
+        last = contents[ex.gold_passage_ids[-1]]
+        assert f"year {ex.golden_answers[0]}" in last
+        if ex.hops == 2:
+            first_name = qa.surface_title(ex.gold_article_ids[1])
+            assert f"link {first_name} ." in contents[ex.gold_passage_ids[0]]
+
+
+def test_word_tokenizer_makes_every_word_one_token(world, tokenizer):
+    for passage in world.corpus[:200]:
+        ids = tokenizer.encode(passage.text, add_special_tokens=False)
+        assert tokenizer.unk_token_id not in ids
+        assert len(ids) == len(passage.text.split())
+    ids = tokenizer.encode("<search> Abraham Lincoln </search>", add_special_tokens=False)
+    assert len(ids) == 4 and tokenizer.decode(ids) == "<search> Abraham Lincoln </search>"
+    small = train_word_tokenizer(["a b b c c c"], extra_tokens=("<answer>",), max_vocab_size=3 + 1 + 2)
+    assert small.decode(small.encode("c b a z <answer>", add_special_tokens=False)) == "c b <|unk|> <|unk|> <answer>"
+
+
+class OraclePolicy:
+    """Reads only its context (question + retrieved documents): searches the question's name, follows the link for
+    2-hop questions, answers the year of the last searched name's document."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def _act(self, text: str) -> str:
+        question, response = re.search(r"Question : (.*?\?)(.*)", text, re.DOTALL).groups()
+        two_hop = compact_qa.MULTI_HOP_PATTERN.match(question)
+        name = (two_hop or compact_qa.SINGLE_HOP_PATTERN.match(question)).group(1)
+        observations = re.findall(r"<documents>(.*?)</documents>", response)
+        if not observations:
+            return f"<think> find this </think> <search> {name} </search>"
+        searched = re.findall(r"<search> (.*?) </search>", response)[-1]
+        doc = re.search(rf'Title : " {re.escape(searched)} " \) {re.escape(searched)} : year (\d+)(?: , link (.*?))? \.',
+                        observations[-1])
+        if doc is None:
+            return "<answer> none </answer>"
+        if two_hop and len(observations) == 1:
+            return f"<search> {doc.group(2)} </search>"
+        return f"<answer> {doc.group(1)} </answer>"
+
+    def generate(self, contexts, *, max_new_tokens, stop_strings):
+        return [self.tokenizer.encode(self._act(self.tokenizer.decode(c)), add_special_tokens=False)
+                for c in contexts]
+
+
+def test_oracle_policy_answers_everything_through_the_rollout_code(world, tokenizer, client):
+    config = rollout.RolloutConfig(dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=40,
+                                   max_observation_tokens=96, max_response_tokens=256)
+    examples = world.splits["test"]
+    results, records = evaluate.evaluate(OraclePolicy(tokenizer), client, tokenizer, examples, config,
+                                         batch_size=100)
+    assert results["average"]["em"] == pytest.approx(100.0), [r for r in records if not r["em"]][:3]
+    assert results[qa.EMBEDDED_MULTI_HOP_SOURCE]["em"] == pytest.approx(100.0)
+    two_hop = next(r for r in records if r["data_source"] == qa.EMBEDDED_MULTI_HOP_SOURCE)
+    assert len(two_hop["queries"]) == 2
+
+
+def test_expert_hops_of_compact_questions(world):
+    from jax_hd.igsearch import experts
+
+    one = next(ex for ex in world.splits["train"] if ex.hops == 1)
+    two = next(ex for ex in world.splits["train"] if ex.hops == 2)
+    assert experts.expert_hops(one, 8) == [experts.Hop(one.gold_article_ids[0], one.golden_answers[0])]
+    hops = experts.expert_hops(two, 8)
+    assert [h.query for h in hops] == list(two.gold_article_ids)
+    assert hops[-1].target == two.golden_answers[0]
+    assert dataclasses.asdict(hops[0])["target"] == two.gold_article_ids[1]

@@ -35,8 +35,8 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # max_*_questions <= 0: all.
     # world (source "embedded"): "wiki" (qa.embedded_qa_world) or "compact" (compact_qa.compact_qa_world).
     c.data = ml_collections.ConfigDict(dict(
-        source="embedded", world="wiki", world_seed=0, train_path="", eval_path="", max_train_questions=-1, eval_split="test",
-        max_eval_questions=200,
+        source="embedded", world="wiki", world_seed=0, train_path="", eval_path="", max_train_questions=-1,
+        eval_split="test", max_eval_questions=200,
     ))
     c.retrieval = ml_collections.ConfigDict(
         dict(backend="bm25", index_dir="", url="http://127.0.0.1:8000/retrieve", timeout_s=30.0, max_retries=2)
@@ -46,9 +46,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # tokenizer_max_texts > 0 trains the BPE tokenizer on that many corpus passages (faster; tests).
     # logits_chunk_size: log-probs of n positions at a time (0: all; paper scale needs it: 151k-token vocabulary).
     c.policy = ml_collections.ConfigDict(dict(
-        hf_dir="", tokenizer="bpe", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128, intermediate_size=384,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_chat_template=True, dtype="float32",
-        remat=False, logits_chunk_size=0,
+        hf_dir="", tokenizer="bpe", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128,
+        intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_chat_template=True, dtype="float32", remat=False, logits_chunk_size=0,
     ))
     c.rollout = ml_collections.ConfigDict(dict(
         dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=64, max_observation_tokens=160,
@@ -110,8 +110,8 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.ig.update(max_context_tokens=384, context_buckets=[128, 256, 384], answer_buckets=[4, 8])
         c.trainer.update(steps=40, prompts_per_step=16, mini_batch_size=32, micro_batch_size=32, lr=1e-4,
                          prompt_buckets=[128], response_buckets=[128, 192, 256], checkpoint_every=10)
-        c.warm_start.update(steps=300, num_examples=1500, batch_size=16, lr=3e-3, warmup_steps=20,
-                            refine_window_words=0, checkpoint_every=100)
+        c.warm_start.update(copy_steps=600, copy_batch_size=32, copy_length=24, steps=300, num_examples=1500,
+                            batch_size=16, lr=3e-3, warmup_steps=20, refine_window_words=0, checkpoint_every=100)
     elif preset == "cpu_demo_wiki":
         pass
     elif preset == "qwen2_5_3b_tpu":

@@ -32,7 +32,7 @@ import numpy as np
 
 from jax_hd.data import compact_qa, qa
 from jax_hd.igsearch import rollout
-from jax_hd.retrieval.client import SearchClient, format_observation
+from jax_hd.retrieval.client import SearchClient
 
 THINK_TEXT = "<think> I need to find this in the documents. </think>\n"
 _IDENTIFY = re.compile(r'^Which .*? does this description refer to: "(.*)"\?$', re.DOTALL)
@@ -155,8 +155,7 @@ def expert_trajectories(
             start, ids = _append_policy(trajectory, tokenizer, segment)
             char_start = segment.index("<search> ") + len("<search> ")
             span = rollout.char_span_to_token_span(tokenizer, ids, (char_start, char_start + len(hop.query)))
-            observation = tokenizer.encode(format_observation(result.text, tag), add_special_tokens=False)
-            observation = observation[: config.max_observation_tokens]
+            observation, _ = rollout.encode_observation(tokenizer, result.text, tag, config.max_observation_tokens)
             observation_span = trajectory.append(observation, by_policy=False)
             trajectory.steps.append(rollout.SearchStep(hop.query, (start + span[0], start + span[1]),
                                                        observation_span, result.passages, result.error))

@@ -92,7 +92,8 @@ class IGConfig:
     seed: the random pool draws use `np.random.default_rng([seed, step])` for the caller's training `step`, so a
       resumed run draws the same pairs.
     context_buckets: allowed padded context lengths (max >= max_context_tokens).
-    answer_buckets: allowed padded gold-answer lengths (a longer gold raises).
+    answer_buckets: allowed padded gold-answer lengths (a longer gold is scored on its first max(answer_buckets)
+      tokens and counted in the diagnostics as `ig/answers_truncated`).
     micro_batch_size: rows per forward (rounded up to a multiple of data*fsdp); bounds memory: the model's logits
       alone take rows * (context + answer bucket) * vocab * 4 bytes, spread over the mesh.
     pad_id: id of padding tokens (masked out; any id works).
@@ -766,7 +767,8 @@ def info_gain_for_rollouts(
     """IG of parsed rollouts (see `compute_info_gain`)."""
     rng = np.random.default_rng([config.seed, step])
     sequences, pool_stats = plan_sequences(rollouts, gold_answers, config, rng, group_ids)
-    truncated = 0
+    truncated = answers_truncated = 0
+    max_answer_tokens = max(config.answer_buckets)
     scores: list[float] = []
     if sequences:  # A batch without valid steps never calls the model.
         contexts, answers = [], []
@@ -774,11 +776,14 @@ def info_gain_for_rollouts(
             context = _encode(tokenizer, seq.context)
             truncated += len(context) > config.max_context_tokens
             contexts.append(context[-config.max_context_tokens :])
-            answers.append(_encode(tokenizer, seq.answer))
+            answer = _encode(tokenizer, seq.answer)
+            answers_truncated += len(answer) > max_answer_tokens  # Scored on its first tokens, never raising.
+            answers.append(answer[:max_answer_tokens])
         logprobs = scorer(params, contexts, answers)
         scores = [weighted_score(lp, config.n_head_tokens, config.head_weight) for lp in logprobs]
     result = ig_from_scores(sequences, scores, len(rollouts), config.aggregation)
-    result.diagnostics.update(pool_stats, **{"ig/contexts_truncated": float(truncated)})
+    result.diagnostics.update(pool_stats, **{"ig/contexts_truncated": float(truncated),
+                                             "ig/answers_truncated": float(answers_truncated)})
     return result
 
 

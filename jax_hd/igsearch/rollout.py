@@ -48,7 +48,8 @@ class RolloutConfig:
     max_turns: generation turns with search enabled, before the final search-disabled turn.
     topk: passages per search.
     max_segment_tokens: tokens generated per turn.
-    max_observation_tokens: an observation longer than this is cut (a warning is counted in the stats).
+    max_observation_tokens: an observation longer than this is cut per document and keeps its closing tag
+      (`encode_observation`; counted in the stats).
     max_response_tokens: the whole response (generated + observations) budget; a rollout that reaches it stops.
     """
 
@@ -118,6 +119,40 @@ def encode_prompt(tokenizer: Any, question: str, dialect: str, use_chat_template
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def fair_shares(lengths: Sequence[int], budget: int) -> list[int]:
+    """How many of each item's `lengths` to keep so that the total is at most `budget`: every item gets an equal
+    share, and what a short item does not use goes to the longer ones (water-filling)."""
+    shares = [0] * len(lengths)
+    remaining = max(budget, 0)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for position, i in enumerate(order):
+        shares[i] = min(lengths[i], remaining // (len(order) - position))
+        remaining -= shares[i]
+    return shares
+
+
+def encode_observation(tokenizer: Tokenizer, body: str, tag: str, max_tokens: int) -> tuple[list[int], bool]:
+    """Ids of the observation block `format_observation(body, tag)` and whether it had to be cut.
+
+    A block longer than `max_tokens` is cut per document (each `Doc i(...)` line keeps a fair share of the
+    budget, `fair_shares`), never across them, and always ends with its closing tag, so the policy sees every
+    retrieved document's beginning and a well-formed block.
+    """
+    ids = list(tokenizer.encode(format_observation(body, tag), add_special_tokens=False))
+    if len(ids) <= max_tokens:
+        return ids, False
+    head = list(tokenizer.encode(f"\n\n<{tag}>", add_special_tokens=False))
+    tail = list(tokenizer.encode(f"</{tag}>\n\n", add_special_tokens=False))
+    newline = list(tokenizer.encode("\n", add_special_tokens=False))
+    documents = [list(tokenizer.encode(line, add_special_tokens=False))
+                 for line in body.strip().split("\n") if line.strip()]
+    separators = len(newline) * max(len(documents) - 1, 0)
+    shares = fair_shares([len(d) for d in documents], max_tokens - len(head) - len(tail) - separators)
+    kept = [document[:share] for document, share in zip(documents, shares, strict=True)]
+    body_ids = [token for i, document in enumerate(kept) for token in (newline if i else []) + document]
+    return (head + body_ids + tail)[:max_tokens], True
 
 
 def cut_segment(text: str) -> str:
@@ -206,10 +241,8 @@ def run_rollouts(
                 trajectory.append(tokenizer.encode(INVALID_ACTION_HINT, add_special_tokens=False), by_policy=False)
         results = client.search_or_error([query for _, query, _ in searching], config.topk) if searching else []
         for (trajectory, query, query_span), result in zip(searching, results, strict=True):
-            observation = tokenizer.encode(format_observation(result.text, tag), add_special_tokens=False)
-            if len(observation) > config.max_observation_tokens:
-                observation = observation[: config.max_observation_tokens]
-                stats["observations_truncated"] += 1
+            observation, cut = encode_observation(tokenizer, result.text, tag, config.max_observation_tokens)
+            stats["observations_truncated"] += cut
             stats["search_failures"] += float(result.error)
             observation_span = trajectory.append(observation, by_policy=False)
             trajectory.steps.append(SearchStep(query, query_span, observation_span, result.passages, result.error))

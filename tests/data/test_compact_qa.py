@@ -80,8 +80,8 @@ class OraclePolicy:
         if not observations:
             return f"<think> find this </think> <search> {name} </search>"
         searched = re.findall(r"<search> (.*?) </search>", response)[-1]
-        doc = re.search(rf'Title : " {re.escape(searched)} " \) {re.escape(searched)} : year (\d+)(?: , link (.*?))? \.',
-                        observations[-1])
+        name = re.escape(searched)
+        doc = re.search(rf'Title : " {name} " \) {name} : year (\d+)(?: , link (.*?))? \.', observations[-1])
         if doc is None:
             return "<answer> none </answer>"
         if two_hop and len(observations) == 1:

@@ -285,6 +285,23 @@ def test_ig_is_real_minus_mean_random_with_a_fake_scorer():
     assert again.step_igs == result.step_igs  # Deterministic per (seed, step).
 
 
+def test_gold_longer_than_the_largest_answer_bucket_is_truncated_and_counted():
+    trajectories = [_question(i, k, 10 * i + k) for i in range(2) for k in range(2)]
+    config = ig.IGConfig(n_random=1, answer_buckets=(4,))
+    lengths = []
+
+    def scorer(params, contexts, answers):
+        lengths.extend(len(a) for a in answers)
+        return ValueScorer()(params, contexts, answers)
+
+    long_gold = "a much longer gold answer"
+    result = ig.compute_info_gain(scorer, None, trajectories, [long_gold] * 4, BYTES, config,
+                                  group_ids=[0, 0, 1, 1], step=1)
+    assert lengths and max(lengths) == 4
+    assert result.diagnostics["ig/answers_truncated"] == len(lengths)
+    assert all(len(steps) == 1 for steps in result.step_igs)
+
+
 def test_batch_without_valid_steps_never_calls_the_model():
     def scorer(*args):
         raise AssertionError("the model must not be called")

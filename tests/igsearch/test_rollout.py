@@ -122,6 +122,23 @@ def test_observation_and_response_budgets():
     assert len(t.response_ids) <= 60 and t.truncated
 
 
+def test_truncated_observation_is_cut_per_document_and_closed():
+    (t,), stats, _ = _run({"Q:": ["<search> q </search>", "<answer> a </answer>"]}, topk=3, max_observation_tokens=90)
+    assert stats["observations_truncated"] == 1
+    start, end = t.steps[0].observation_span
+    text = TOKENIZER.decode(t.response_ids[start:end])
+    assert end - start <= 90 and text.startswith("\n\n<documents>") and text.endswith("</documents>\n\n")
+    assert [line[:5] for line in text.strip().removeprefix("<documents>").split("\n")] == ["Doc 1", "Doc 2", "Doc 3"]
+    ids, cut = rollout.encode_observation(TOKENIZER, "Doc 1(Title: a) short", "documents", 90)
+    assert not cut and TOKENIZER.decode(ids) == "\n\n<documents>Doc 1(Title: a) short</documents>\n\n"
+
+
+def test_fair_shares():
+    assert rollout.fair_shares([10, 2, 10], 12) == [5, 2, 5]
+    assert rollout.fair_shares([3, 3], 100) == [3, 3]
+    assert rollout.fair_shares([5, 5, 5], 7) == [2, 2, 3] and rollout.fair_shares([4], -3) == [0]
+
+
 def test_pack_trajectories():
     (t,), _, _ = _run({"Q1:": ["<search> q </search>", "<answer> a </answer>"]})
     batch = rollout.pack_trajectories([t, t], prompt_len=8, response_len=len(t.response_ids) + 5, pad_id=0)

@@ -389,6 +389,30 @@ def group_statistics(rewards_: np.ndarray, answer_scores: np.ndarray, group_size
     }
 
 
+def credit_statistics(
+    advantages: np.ndarray, query_token_mask: np.ndarray, answer_scores: np.ndarray, group_size: int,
+    step_ig: np.ndarray, step_mask: np.ndarray,
+) -> dict[str, float]:
+    """Where the credit went (the paper's claim 2: IG still gives query tokens a gradient when a group all fails).
+
+    advantages / query_token_mask: `[B, R]`; answer_scores: `[B]`; step_ig / step_mask: `[B, max_turns]`.
+    Returns all_fail_query_credit_fraction (of the all-fail groups that searched, the fraction with a non-zero
+    advantage on some query token) and ig_mean_correct / ig_mean_incorrect (mean IG of the scored steps of the
+    rollouts whose answer scores > 0 / 0); a statistic without any member is left out.
+    """
+    groups = answer_scores.reshape(-1, group_size)
+    all_fail = np.repeat(np.all(groups <= 0, axis=1), group_size)
+    credited = np.any((np.abs(advantages) > 1e-8) & query_token_mask, axis=1).reshape(-1, group_size).any(axis=1)
+    searched = query_token_mask.any(axis=1).reshape(-1, group_size).any(axis=1)
+    fail_groups = all_fail.reshape(-1, group_size)[:, 0] & searched
+    correct = np.broadcast_to((answer_scores > 0)[:, None], step_mask.shape)
+
+    members = {"all_fail_query_credit_fraction": (credited, fail_groups),
+               "ig_mean_correct": (step_ig, step_mask & correct),
+               "ig_mean_incorrect": (step_ig, step_mask & ~correct)}
+    return {key: float(values[mask].mean()) for key, (values, mask) in members.items() if mask.any()}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The runtime of a GRPO run: everything an iteration needs besides the state.
 
@@ -677,8 +701,11 @@ def learn_from_rollouts(
     mark = time.perf_counter()
     state, update_metrics = grpo_updates(rt, state, packed, old, ref)
     timings["time/update_s"] = time.perf_counter() - mark
+    answer_scores = np.array([sc.answer_score for sc in scores], np.float32)
     return state, {
         **rollout_metrics(trajectories, scores, golds, rt.group_size),
+        **credit_statistics(packed["advantages"], packed["query_token_mask"], answer_scores, rt.group_size,
+                            step_ig, step_mask),
         "ig_mean": float(step_ig[step_mask].mean()) if step_mask.any() else 0.0,
         "ig_positive_fraction": float((step_ig[step_mask] > 0).mean()) if step_mask.any() else 0.0,
         "ig_steps": float(step_mask.sum()),

@@ -313,6 +313,20 @@ def test_learn_from_rollouts_gives_query_tokens_a_gradient_when_all_rewards_are_
     assert metrics_off["ig_steps"] == 0 and metrics_off["pg_loss"] == 0.0
 
 
+def test_credit_statistics():
+    # Two groups of two: group 0 all fail (row 0 has an IG-credited query token), group 1 has a correct rollout.
+    advantages = np.array([[0.0, 0.7, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], np.float32)
+    query = np.array([[0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0]], bool)
+    scores = np.array([0.0, 0.0, 1.0, 0.0], np.float32)
+    step_ig = np.array([[0.5, 0.0], [-0.5, 0.0], [2.0, 1.0], [0.0, 0.0]], np.float32)
+    step_mask = np.array([[1, 0], [1, 0], [1, 1], [1, 0]], bool)
+    stats = trainer.credit_statistics(advantages, query, scores, 2, step_ig, step_mask)
+    assert stats == {"all_fail_query_credit_fraction": 1.0, "ig_mean_correct": 1.5, "ig_mean_incorrect": 0.0}
+    stats = trainer.credit_statistics(np.zeros_like(advantages), query, np.zeros(4, np.float32), 2, step_ig,
+                                      np.zeros_like(step_mask))
+    assert stats == {"all_fail_query_credit_fraction": 0.0}
+
+
 def test_a_batch_without_search_steps_trains_without_ig(tiny_world, runtime):
     tokenizer, _, examples = tiny_world
     rt, holder = runtime

@@ -3,10 +3,11 @@ r"""IG-Search vs trajectory-level GRPO from one warm start, over seeds: the pape
     python -m experiments.igsearch_compare --config=experiments/configs/igsearch.py:cpu_demo \
         --workdir=runs/igsearch_compare --seeds=0,1,2
 
-1. One warm start (`<workdir>/warm_start/`, the config's own seed), shared by every run (copied into each).
+1. One warm start (`<workdir>/warm_start/`, the config's own seed), shared by every run (copied into each), and
+   one greedy evaluation of it (`<workdir>/eval_before.json`): every run starts from these params.
 2. For every seed and mode (`ig`: `ig.enabled=True`; `no_ig`: the baseline) a full GRPO run in
-   `<workdir>/<mode>_seed<seed>/` with `seed` and `ig.seed` set to that seed; only the first run evaluates before
-   GRPO (the warm-started params are the same for all, and evaluation is greedy).
+   `<workdir>/<mode>_seed<seed>/` with `seed` and `ig.seed` set to that seed (`--modes` / `--seeds` select some,
+   so that runs can go to separate processes or machines; a finished run is reused, not rerun).
 3. `<workdir>/compare.json` and `compare.md`: per mode, mean ± std over seeds of EM after GRPO (average,
    single-hop, multi-hop), the all-fail group fraction, the fraction of all-fail groups whose query tokens got a
    non-zero advantage, the mean IG of the steps of correct and of incorrect rollouts, and the GRPO step time;
@@ -33,31 +34,43 @@ from jax_hd.data import qa
 from jax_hd.igsearch import setup, trainer
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "GRPO seeds (each also seeds the IG pool).")
-_MODES = ("ig", "no_ig")
+MODES = ("ig", "no_ig")
+_MODES = flags.DEFINE_list("modes", list(MODES), "Which of `ig`, `no_ig` to run.")
 SOURCES = {"average": "average", "single_hop": qa.EMBEDDED_SINGLE_HOP_SOURCE,
            "multi_hop": qa.EMBEDDED_MULTI_HOP_SOURCE}
 STEP_METRICS = ("all_fail_group_fraction", "all_fail_query_credit_fraction", "ig_mean_correct", "ig_mean_incorrect",
                 "time/step_s")
 
 
-def shared_warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Runs (or resumes, or reuses) the warm start once; returns its directory."""
+def shared_warm_start(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs (or resumes, or reuses) the warm start once and evaluates it once; returns EM before GRPO per source
+    (`SOURCES` names), also written to `<workdir>/eval_before.json`."""
+    path = os.path.join(workdir, "eval_before.json")
+    if os.path.exists(path):
+        return metrics.read_json(path)
     trainer.check_config(config)
-    directory = os.path.join(workdir, "warm_start")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.normalize_rules(config.sharding_rules)
     s = trainer.build_setup(config)
     params = setup.load_params(config.policy, s.model_config, mesh, config.seed, rules)
-    examples = s.train_examples[: config.warm_start.num_examples]
-    trainer.warm_start(config, mesh, rules, s.model_config, params, examples, s.tokenizer, s.client, workdir)
-    return directory
+    if config.warm_start.steps:
+        examples = s.train_examples[: config.warm_start.num_examples]
+        params = trainer.warm_start(config, mesh, rules, s.model_config, params, examples, s.tokenizer, s.client,
+                                    workdir)
+    tx = trainer.grpo_optimizer(config)
+    _, state_shardings = trainer.state_spec(s.model_config, tx, mesh, rules, False)
+    rt = trainer.build_runtime(config, mesh, rules, s.tokenizer, s.client, s.model_config, tx, state_shardings)
+    results = trainer.evaluate_policy(rt, params, s.eval_examples, config.eval.batch_size,
+                                      os.path.join(workdir, "eval_records_before_grpo.jsonl"))
+    before = {name: results[source]["em"] for name, source in SOURCES.items() if source in results}
+    metrics.write_json(path, before)
+    return before
 
 
-def run_config(config: ml_collections.ConfigDict, seed: int, mode: str, evaluate_before: bool
-               ) -> ml_collections.ConfigDict:
-    """The config of one comparison run."""
+def run_config(config: ml_collections.ConfigDict, seed: int, mode: str) -> ml_collections.ConfigDict:
+    """The config of one comparison run (no evaluation before GRPO: `shared_warm_start` did it)."""
     run = copy.deepcopy(config)
-    run.seed, run.ig.seed, run.ig.enabled, run.eval.before_grpo = seed, seed, mode == "ig", evaluate_before
+    run.seed, run.ig.seed, run.ig.enabled, run.eval.before_grpo = seed, seed, mode == "ig", False
     return run
 
 
@@ -96,23 +109,24 @@ def compare_table(before: dict, runs: dict[str, list[dict[str, float]]]) -> tupl
     return summary, "\n".join(lines) + "\n"
 
 
-def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int]) -> dict:
-    """The whole comparison (module docstring); returns the JSON summary."""
+def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
+            modes: Sequence[str] = MODES) -> dict:
+    """The whole comparison (module docstring); returns the JSON summary of the runs of `seeds` x `modes`."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise config_lib.ConfigError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     os.makedirs(workdir, exist_ok=True)
-    warm = shared_warm_start(config, workdir) if config.warm_start.steps else None
-    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in _MODES}
-    before: dict[str, float] = {}
-    for index, seed in enumerate(seeds):
-        for mode in _MODES:
+    before = shared_warm_start(config, workdir)
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for seed in seeds:
+        for mode in modes:
             run_dir = os.path.join(workdir, f"{mode}_seed{seed}")
-            if warm and not os.path.exists(os.path.join(run_dir, "warm_start")):
+            warm = os.path.join(workdir, "warm_start")
+            if config.warm_start.steps and not os.path.exists(os.path.join(run_dir, "warm_start")):
                 shutil.copytree(warm, os.path.join(run_dir, "warm_start"))
-            logging.info("comparison run %s", run_dir)
-            trainer.train(run_config(config, seed, mode, evaluate_before=index == 0 and mode == _MODES[0]), run_dir)
-            evals = metrics.read_json(os.path.join(run_dir, "eval.json"))
-            if "before_grpo" in evals:
-                before = {name: evals["before_grpo"][source]["em"] for name, source in SOURCES.items()
-                          if source in evals["before_grpo"]}
+            if "after_grpo" not in metrics.read_json(os.path.join(run_dir, "eval.json")):
+                logging.info("comparison run %s", run_dir)
+                trainer.train(run_config(config, seed, mode), run_dir)
             runs[mode].append(summarize_run(run_dir))
     summary, table = compare_table(before, runs)
     summary["seeds"] = list(seeds)
@@ -124,7 +138,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    return compare(config, workdir, [int(s) for s in _SEEDS.value])
+    return compare(config, workdir, [int(s) for s in _SEEDS.value], _MODES.value)
 
 
 if __name__ == "__main__":

@@ -80,9 +80,12 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # Supervised warm start on expert trajectories (embedded world only; steps=0 skips it). Queries: the first
     # max_query_words words of the question's quoted sentence; refine: refine_window_words words around the answer
     # (0: the whole supporting sentence). copy_steps > 0: first that many steps of copy pre-training on synthetic
-    # induction rows (copy_length random vocabulary tokens, then the same again; experts.copy_batch).
+    # induction rows (copy_length random vocabulary tokens, then a copy_span slice of them from a random offset;
+    # experts.copy_batch); copy_every > 0: after them, every copy_every-th warm-start step is a copy step too.
+    # counterfactual_copies: per expert trajectory, that many copies with its entities renamed to random tokens
+    # (experts.counterfactual_trajectory; for a word-level tokenizer).
     c.warm_start = ml_collections.ConfigDict(dict(
-        copy_steps=0, copy_batch_size=32, copy_length=24,
+        copy_steps=0, copy_batch_size=32, copy_length=32, copy_span=12, copy_every=0, counterfactual_copies=0,
         steps=400, num_examples=1500, batch_size=8, lr=3e-3, warmup_steps=20, max_query_words=8,
         refine_window_words=12, checkpoint_every=50,
     ))
@@ -110,8 +113,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.ig.update(max_context_tokens=384, context_buckets=[128, 256, 384], answer_buckets=[4, 8])
         c.trainer.update(steps=40, prompts_per_step=16, mini_batch_size=32, micro_batch_size=32, lr=1e-4,
                          prompt_buckets=[128], response_buckets=[128, 192, 256], checkpoint_every=10)
-        c.warm_start.update(copy_steps=600, copy_batch_size=32, copy_length=24, steps=300, num_examples=1500,
-                            batch_size=16, lr=3e-3, warmup_steps=20, refine_window_words=0, checkpoint_every=100)
+        c.warm_start.update(copy_steps=400, copy_batch_size=32, copy_length=24, copy_span=24, copy_every=0,
+                            counterfactual_copies=2, steps=600, num_examples=1886, batch_size=16, lr=3e-3,
+                            warmup_steps=20, refine_window_words=0, checkpoint_every=100)
     elif preset == "cpu_demo_wiki":
         pass
     elif preset == "qwen2_5_3b_tpu":

@@ -175,15 +175,61 @@ def expert_trajectories(
     return out
 
 
-def copy_batch(rng: np.random.Generator, token_ids: np.ndarray, batch_size: int, length: int) -> dict[str, np.ndarray]:
+def copy_batch(
+    rng: np.random.Generator, token_ids: np.ndarray, batch_size: int, length: int, span: int = 12
+) -> dict[str, np.ndarray]:
     """A synthetic induction batch for the copy pre-training of a tiny policy: each row's prompt is `length` tokens
-    drawn uniformly from `token_ids` and its response is the same tokens again (all loss tokens), so the policy
-    learns to copy any token of its vocabulary, including words that no training question uses (test names).
+    drawn uniformly from `token_ids`, its response a `span`-token slice of the prompt starting at a random offset.
+    The response's first token is given (not a loss token); every later one is the token that followed the previous
+    one in the prompt, so the policy learns to find a token earlier in its context and copy what came next
+    (an induction head), for every token of its vocabulary, including words that no training question uses.
 
     Returns the `trainer.SFT_KEYS` arrays: prompt_tokens/prompt_mask `[batch, length]`, response_tokens/
-    response_mask/loss_mask `[batch, length]`.
+    response_mask/loss_mask `[batch, span]`.
     """
+    if not 1 < span <= length:
+        raise ValueError(f"span must be in (1, length={length}], got {span}")
     tokens = rng.choice(token_ids, size=(batch_size, length)).astype(np.int32)
-    full = np.ones((batch_size, length), bool)
-    return {"prompt_tokens": tokens, "prompt_mask": full, "response_tokens": tokens.copy(), "response_mask": full,
-            "loss_mask": full.copy()}
+    starts = rng.integers(0, length - span + 1, size=batch_size)
+    response = tokens[np.arange(batch_size)[:, None], starts[:, None] + np.arange(span)]
+    loss_mask = np.ones((batch_size, span), bool)
+    loss_mask[:, 0] = False
+    return {"prompt_tokens": tokens, "prompt_mask": np.ones((batch_size, length), bool),
+            "response_tokens": response, "response_mask": np.ones((batch_size, span), bool), "loss_mask": loss_mask}
+
+
+def _replace_subsequence(ids: list[int], old: Sequence[int], new: Sequence[int]) -> list[int]:
+    """`ids` with every non-overlapping occurrence of `old` replaced by `new` (same length)."""
+    out, i, n = list(ids), 0, len(old)
+    while i + n <= len(out):
+        if out[i : i + n] == list(old):
+            out[i : i + n] = new
+            i += n
+        else:
+            i += 1
+    return out
+
+
+def counterfactual_trajectory(
+    trajectory: rollout.Trajectory, tokenizer: Any, token_ids: np.ndarray, rng: np.random.Generator
+) -> rollout.Trajectory:
+    """A copy of an expert trajectory whose entities (its queries and its answer) are renamed to random tokens of
+    `token_ids` everywhere (question, queries, documents, refine, answer), one consistent renaming per entity.
+
+    For a word-level tokenizer every span keeps its length, so the layout (masks, query and observation spans) is
+    unchanged. Trained on such copies, a tiny policy cannot answer from memorised names and must copy: the warm
+    start's remedy for memorising the train split's names instead of learning to read (compact world)."""
+    entities = sorted({s.query for s in trajectory.steps if s.query} | {trajectory.answer or ""} - {""}, key=len,
+                      reverse=True)
+    prompt, response = list(trajectory.prompt_ids), list(trajectory.response_ids)
+    answer = trajectory.answer
+    for entity in entities:
+        old = list(tokenizer.encode(entity, add_special_tokens=False))
+        new = [int(t) for t in rng.choice(token_ids, size=len(old))]
+        prompt, response = _replace_subsequence(prompt, old, new), _replace_subsequence(response, old, new)
+        if entity == trajectory.answer:
+            answer = tokenizer.decode(new)
+    steps = [dataclasses.replace(s, query=tokenizer.decode(response[s.query_span[0] : s.query_span[1]]))
+             for s in trajectory.steps]
+    return dataclasses.replace(trajectory, prompt_ids=prompt, response_ids=response, steps=steps, answer=answer,
+                               policy_mask=list(trajectory.policy_mask))

@@ -53,6 +53,7 @@ from jax_hd.core import checkpoint, metrics, sharding, train_state
 from jax_hd.core import config as config_lib
 from jax_hd.core.metrics import read_json, write_json
 from jax_hd.data import qa
+from jax_hd.data.tokenizer import AGENT_TAGS
 from jax_hd.decoding import sampling
 from jax_hd.igsearch import evaluate, experts, grpo, info_gain, rewards, rollout, setup
 from jax_hd.models import qwen2
@@ -132,6 +133,9 @@ SCHEMA = {
     "warm_start.copy_steps": F(int, low=0),
     "warm_start.copy_batch_size": F(int, positive=True),
     "warm_start.copy_length": F(int, positive=True),
+    "warm_start.copy_span": F(int, low=2),
+    "warm_start.copy_every": F(int, low=0),
+    "warm_start.counterfactual_copies": F(int, low=0),
     "sampler.row_buckets": F(int, positive=True),
     "eval.batch_size": F(int, positive=True),
     "eval.before_grpo": F(bool),
@@ -778,6 +782,11 @@ def expert_batch(
     if not trajectories:
         raise RuntimeError("no expert trajectory could be built (no retrieved document holds an answer)")
     logging.info("warm start: %d expert trajectories from %d questions", len(trajectories), len(examples))
+    copies = config.warm_start.get("counterfactual_copies", 0)
+    if copies:
+        rng, token_ids = np.random.default_rng([config.seed, 7]), copy_token_ids(tokenizer)
+        trajectories += [experts.counterfactual_trajectory(t, tokenizer, token_ids, rng)
+                         for _ in range(copies) for t in trajectories]
     prompt_len, response_len = bucketed_lengths(trajectories, config.trainer.prompt_buckets,
                                                 config.trainer.response_buckets)
     packed = rollout.pack_trajectories(trajectories, prompt_len, response_len, setup.pad_token_id(tokenizer))
@@ -785,9 +794,17 @@ def expert_batch(
 
 
 def copy_token_ids(tokenizer: Any) -> np.ndarray:
-    """The token ids the copy pre-training draws from: the whole vocabulary but the special tokens."""
-    special = set(getattr(tokenizer, "all_special_ids", []))
+    """The token ids the copy pre-training draws from: the whole vocabulary but the special tokens and the agent
+    tags."""
+    tags = [t for t in AGENT_TAGS if t in tokenizer.get_vocab()]
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(tokenizer.convert_tokens_to_ids(tags))
     return np.array([i for i in range(len(tokenizer)) if i not in special], np.int32)
+
+
+def is_copy_step(step: int, copy_steps: int, copy_every: int) -> bool:
+    """Whether warm-start step `step` (1-based) trains on a copy batch: the first `copy_steps` steps, then every
+    `copy_every`-th step (0: never), so the expert phase keeps rehearsing copying instead of memorising names."""
+    return step <= copy_steps or (copy_every > 0 and (step - copy_steps) % copy_every == 0)
 
 
 def warm_start(
@@ -798,7 +815,8 @@ def warm_start(
 
     Steps 1..`copy_steps`: copy pre-training on synthetic induction batches (`experts.copy_batch`, drawn from
     `numpy.random.default_rng([seed, step])`, so a resumed run draws the same ones); then `steps` steps of
-    cross-entropy on expert trajectories of `examples`. One optimizer and one cosine schedule over both."""
+    cross-entropy on expert trajectories of `examples`, every `copy_every`-th of them a copy batch instead
+    (`is_copy_step`). One optimizer and one cosine schedule over all of them."""
     ws = config.warm_start
     copy_steps = ws.get("copy_steps", 0)
     total_steps = copy_steps + ws.steps
@@ -825,16 +843,16 @@ def warm_start(
         writer = metrics.MetricWriter(directory, total_steps, start_step=start, console_keys=("sft_loss",))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for step in range(start + 1, total_steps + 1):
-                if step <= copy_steps:
+                if is_copy_step(step, copy_steps, ws.get("copy_every", 0)):
                     batch = experts.copy_batch(np.random.default_rng([config.seed, step]), token_ids,
-                                               ws.copy_batch_size, ws.copy_length)
+                                               ws.copy_batch_size, ws.copy_length, ws.copy_span)
                 else:
                     batch = select_rows(packed, np.asarray(next(data_iter)))
                 batch = pad_rows(batch, sharding.batch_parallelism(mesh))
                 state, step_metrics = step_fn(state, to_device(batch, mesh))
                 guard.update(bool(step_metrics["skipped"] > 0), step)
                 if step % config.trainer.log_every == 0 or step == total_steps:
-                    phase = "copy" if step <= copy_steps else "sft"
+                    phase = "copy" if is_copy_step(step, copy_steps, ws.get("copy_every", 0)) else "sft"
                     writer.write(step, {**step_metrics, f"{phase}_loss": step_metrics["sft_loss"]})
                 preempted = ckpt.should_stop(step)
                 ckpt.save(step, state, data_iter, config, force=preempted or step == total_steps)

@@ -115,3 +115,28 @@ def test_expert_hops_of_compact_questions(world):
     assert [h.query for h in hops] == list(two.gold_article_ids)
     assert hops[-1].target == two.golden_answers[0]
     assert dataclasses.asdict(hops[0])["target"] == two.gold_article_ids[1]
+
+
+def test_counterfactual_expert_trajectories_rename_entities_consistently(world, tokenizer, client):
+    import numpy as np
+
+    from jax_hd.igsearch import experts, trainer
+
+    config = rollout.RolloutConfig(dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=40,
+                                   max_observation_tokens=96, max_response_tokens=256)
+    examples = [ex for ex in world.splits["train"][:40] if ex.hops == 2][:3] + world.splits["train"][:3]
+    originals = experts.expert_trajectories(examples, client, tokenizer, config, refine_window_words=0)
+    token_ids = trainer.copy_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<search>") not in token_ids and tokenizer.eos_token_id not in token_ids
+    for original in originals:
+        renamed = experts.counterfactual_trajectory(original, tokenizer, token_ids, np.random.default_rng(0))
+        assert len(renamed.prompt_ids) == len(original.prompt_ids)
+        assert len(renamed.response_ids) == len(original.response_ids)
+        assert renamed.policy_mask == original.policy_mask and renamed.answer != original.answer
+        text = tokenizer.decode(renamed.response_ids)
+        assert text.endswith(f"<answer> {renamed.answer} </answer> <|endoftext|>")
+        for step in renamed.steps:  # Each renamed query names the title of the document it retrieved.
+            start, end = step.observation_span
+            assert f'Title : " {step.query} "' in tokenizer.decode(renamed.response_ids[start:end])
+        question = tokenizer.decode(renamed.prompt_ids).split("Question : ")[-1]
+        assert renamed.steps[0].query in question and original.steps[0].query not in question

@@ -21,9 +21,11 @@ def test_compare_runner_on_a_tiny_config(tmp_path):
         assert (run_dir / "warm_start" / "checkpoints").is_dir()
         em = summary["modes"][mode]["em_after/average"]
         assert em["n"] == 1 and 0.0 <= em["mean"] <= 100.0 and em["std"] == 0.0
-    assert "before_grpo" in json.loads((tmp_path / "ig_seed0" / "eval.json").read_text())
-    assert "before_grpo" not in json.loads((tmp_path / "no_ig_seed0" / "eval.json").read_text())
+        assert "before_grpo" not in json.loads((run_dir / "eval.json").read_text())  # Evaluated once, shared.
     assert set(summary["em_before"]) == {"average", "single_hop", "multi_hop"}
+    assert json.loads((tmp_path / "eval_before.json").read_text()) == summary["em_before"]
+    again = igsearch_compare.compare(config, str(tmp_path), seeds=[0], modes=["no_ig"])  # Reused, not rerun.
+    assert again["modes"]["no_ig"] == summary["modes"]["no_ig"] and "ig" not in again["modes"]
     table = (tmp_path / "compare.md").read_text()
     assert "| em_after/multi_hop |" in table and "±" in table
     assert json.loads((tmp_path / "compare.json").read_text())["seeds"] == [0]

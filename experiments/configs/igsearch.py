@@ -42,12 +42,13 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         dict(backend="bm25", index_dir="", url="http://127.0.0.1:8000/retrieve", timeout_s=30.0, max_retries=2)
     )
     # hf_dir: a local Qwen2/Qwen2.5 HF checkpoint; empty: the embedded tiny policy (fields below).
-    # tokenizer (embedded policy): "bpe" (byte-level BPE of tokenizer_vocab_size) or "word" (word-level).
+    # tokenizer (embedded policy): "bpe" (byte-level BPE of tokenizer_vocab_size) or "word" (word-level; with
+    # word_titles, every article title of the corpus is one token too).
     # tokenizer_max_texts > 0 trains the BPE tokenizer on that many corpus passages (faster; tests).
     # logits_chunk_size: log-probs of n positions at a time (0: all; paper scale needs it: 151k-token vocabulary).
     c.policy = ml_collections.ConfigDict(dict(
-        hf_dir="", tokenizer="bpe", tokenizer_vocab_size=2048, tokenizer_max_texts=-1, hidden_size=128,
-        intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hf_dir="", tokenizer="bpe", word_titles=True, tokenizer_vocab_size=2048, tokenizer_max_texts=-1,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         use_chat_template=True, dtype="float32", remat=False, logits_chunk_size=0,
     ))
     c.rollout = ml_collections.ConfigDict(dict(

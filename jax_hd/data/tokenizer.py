@@ -49,16 +49,18 @@ def _word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def train_word_tokenizer(
-    texts: Iterable[str], extra_tokens: Sequence[str] = AGENT_TAGS, max_vocab_size: int = 0
+    texts: Iterable[str], extra_tokens: Sequence[str] = AGENT_TAGS, max_vocab_size: int = 0,
+    phrases: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `texts`: one token per whitespace-separated word and per punctuation character,
     so that copying a word is copying one token (the embedded tiny policy of the compact QA world).
 
     Ids 0, 1, 2 are `PAD_TOKEN`, `EOS_TOKEN`, `UNK_TOKEN`; then the words by decreasing count (ties in code-point
-    order; the `max_vocab_size` most frequent when > 0, the rest map to `UNK_TOKEN`); `extra_tokens` (the agent
-    tags) are single tokens that are matched before splitting. Whitespace is not kept: `decode` joins tokens with
-    single spaces, so `decode(encode(text))` is `text` with its whitespace normalised around punctuation.
-    Deterministic for a given text sequence.
+    order; the `max_vocab_size` most frequent when > 0, the rest map to `UNK_TOKEN`); then `extra_tokens` (the agent
+    tags) and `phrases` (e.g. entity names such as `Empire of Japan`), each one token, matched as whole words before
+    splitting (the longest match first). Whitespace is not kept: `decode` joins tokens with single spaces, so
+    `decode(encode(text))` is `text` with its whitespace normalised around punctuation. Deterministic for a given
+    text sequence.
     """
     pre_tokenizer = _word_pre_tokenizer()
     tags = set(extra_tokens)
@@ -76,5 +78,7 @@ def train_word_tokenizer(
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer.add_special_tokens([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN])
     tokenizer.add_tokens(list(extra_tokens))
+    multiword = sorted({p for p in phrases if " " in p.strip()})
+    tokenizer.add_tokens([tokenizers.AddedToken(p, single_word=True, normalized=False) for p in multiword])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
                                    unk_token=UNK_TOKEN)

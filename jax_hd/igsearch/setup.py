@@ -111,7 +111,8 @@ def agent_texts() -> list[str]:
 def build_tokenizer(policy: ml_collections.ConfigDict, world: qa.QAWorld | None) -> Any:
     """The HF checkpoint's tokenizer (`policy.hf_dir`), or one built on the embedded world: byte-level BPE
     (`policy.tokenizer == "bpe"`) or word-level (`"word"`: every word of the corpus, of the questions of all
-    splits and of the agent's fixed texts is one token; `tokenizer_vocab_size` is then ignored)."""
+    splits and of the agent's fixed texts is one token, and so is every article title when `policy.word_titles`,
+    so that a policy copies a name as one token; `tokenizer_vocab_size` is then ignored)."""
     if policy.hf_dir:
         return hf_import.load_tokenizer(policy.hf_dir)
     if world is None:
@@ -119,7 +120,8 @@ def build_tokenizer(policy: ml_collections.ConfigDict, world: qa.QAWorld | None)
     kind = policy.get("tokenizer", "bpe")
     if kind == "word":
         questions = [ex.question for split in sorted(world.splits) for ex in world.splits[split]]
-        return train_word_tokenizer([p.contents for p in world.corpus] + questions + agent_texts())
+        titles = [p.article_id for p in world.corpus] if policy.get("word_titles", True) else []
+        return train_word_tokenizer([p.contents for p in world.corpus] + questions + agent_texts(), phrases=titles)
     if kind != "bpe":
         raise config_lib.ConfigError(f"policy.tokenizer must be 'bpe' or 'word', got {kind!r}")
     texts = tokenizer_texts(world, policy.get("tokenizer_max_texts", -1))

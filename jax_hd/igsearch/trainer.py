@@ -81,6 +81,7 @@ SCHEMA = {
     "retrieval.timeout_s": F(float, positive=True),
     "retrieval.max_retries": F(int, low=0),
     "policy.tokenizer": F(str, choices=("bpe", "word")),
+    "policy.word_titles": F(bool),
     "policy.tokenizer_vocab_size": F(int, low=300),
     "policy.use_chat_template": F(bool),
     "policy.logits_chunk_size": F(int, low=0),

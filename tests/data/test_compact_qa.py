@@ -54,13 +54,16 @@ def test_answers_are_in_the_gold_passages(world):
             assert f"link {first_name} ." in contents[ex.gold_passage_ids[0]]
 
 
-def test_word_tokenizer_makes_every_word_one_token(world, tokenizer):
+def test_word_tokenizer_makes_every_word_and_every_name_one_token(world, tokenizer):
     for passage in world.corpus[:200]:
-        ids = tokenizer.encode(passage.text, add_special_tokens=False)
+        ids = tokenizer.encode(passage.contents, add_special_tokens=False)
         assert tokenizer.unk_token_id not in ids
-        assert len(ids) == len(passage.text.split())
+        name = tokenizer.encode(passage.article_id, add_special_tokens=False)
+        assert len(name) == 1 and tokenizer.decode(name) == passage.article_id
+        assert ids.count(name[0]) >= 2  # The title line and the text's subject.
     ids = tokenizer.encode("<search> Abraham Lincoln </search>", add_special_tokens=False)
-    assert len(ids) == 4 and tokenizer.decode(ids) == "<search> Abraham Lincoln </search>"
+    assert len(ids) == 3 and tokenizer.decode(ids) == "<search> Abraham Lincoln </search>"
+    assert len(tokenizer.encode("Abraham Lincolnshire", add_special_tokens=False)) == 2  # Whole words only.
     small = train_word_tokenizer(["a b b c c c"], extra_tokens=("<answer>",), max_vocab_size=3 + 1 + 2)
     assert small.decode(small.encode("c b a z <answer>", add_special_tokens=False)) == "c b <|unk|> <|unk|> <answer>"
 

@@ -132,13 +132,15 @@ def expert_trajectories(
     max_query_words: int = 12,
     refine_window_words: int = 0,
     use_chat_template: bool = True,
+    dropped: list[tuple[str, str]] | None = None,
 ) -> list[rollout.Trajectory]:
     """Expert trajectories for the examples whose every hop's target sentence is retrieved (others are skipped).
 
     The refine block holds the supporting sentence, or only about `refine_window_words` words of it around the
     target when that is > 0 (a shorter copy for a tiny policy).
     All queries go to the search client in one batched call. Returns finished `Trajectory`s whose `answer` is the
-    gold answer; the final segment ends with the tokenizer's EOS token.
+    gold answer; the final segment ends with the tokenizer's EOS token. `dropped`, when given, receives
+    `(example id, reason)` for every question left out.
     """
     plans = [expert_hops(ex, max_query_words) for ex in examples]
     queries = [hop.query for hops in plans for hop in hops]
@@ -162,9 +164,14 @@ def expert_trajectories(
             sentence = None if result.error else supporting_sentence(tokenizer.decode(observation), hop.target)
             if sentence is None:
                 ok = False
+                reason = (f"hop {len(trajectory.steps)}: search failed" if result.error else
+                          f"hop {len(trajectory.steps)}: {hop.target!r} is not in the documents retrieved for "
+                          f"{hop.query!r}")
                 break
             prefix = f"<refine> {snippet(sentence, hop.target, refine_window_words)} </refine>\n"
         if not ok:
+            if dropped is not None:
+                dropped.append((example.id, reason))
             continue
         answer = example.golden_answers[0]
         _append_policy(trajectory, tokenizer, f"{prefix}<answer> {answer} </answer>")
@@ -172,6 +179,9 @@ def expert_trajectories(
         trajectory.answer, trajectory.active, trajectory.num_turns = answer, False, len(hops) + 1
         if len(trajectory.response_ids) <= config.max_response_tokens:
             out.append(trajectory)
+        elif dropped is not None:
+            dropped.append((example.id, f"{len(trajectory.response_ids)} response tokens exceed "
+                                        f"max_response_tokens = {config.max_response_tokens}"))
     return out
 
 

@@ -487,12 +487,17 @@ class IGResult:
     step_indices[i]: the matching indices into `trajectories[i].steps` (map them to `query_span`s).
     r_ig: `[batch]` float32, each rollout's aggregated step IG (0.0 without scored steps).
     diagnostics: "ig/..." scalars (see `ig_from_scores`).
+    step_real_scores[i]: the score of the gold answer with each scored step's real (documents, refine) pair (the
+      best gold variant's), aligned with `step_igs[i]`; step_random_scores[i]: the N scores with random pairs
+      behind each step's baseline. IG = real - mean(random), so a user can see why a step got its IG.
     """
 
     step_igs: list[list[float]]
     step_indices: list[list[int]]
     r_ig: np.ndarray
     diagnostics: dict[str, float]
+    step_real_scores: list[list[float]] = dataclasses.field(default_factory=list)
+    step_random_scores: list[list[list[float]]] = dataclasses.field(default_factory=list)
 
 
 def aggregate(step_igs: Sequence[float], method: str = "mean") -> float:
@@ -541,6 +546,8 @@ def ig_from_scores(
         entry[seq.kind].setdefault(seq.variant, []).append(float(score))
     step_igs: list[list[float]] = [[] for _ in range(num_rollouts)]
     step_indices: list[list[int]] = [[] for _ in range(num_rollouts)]
+    step_real: list[list[float]] = [[] for _ in range(num_rollouts)]
+    step_random: list[list[list[float]]] = [[] for _ in range(num_rollouts)]
     real_scores, baselines = [], []
     for (r, step), entry in sorted(grouped.items()):
         if not entry[REAL]:
@@ -552,6 +559,8 @@ def ig_from_scores(
         real, baseline = entry[REAL][best][0], float(np.mean(randoms))
         step_igs[r].append(real - baseline)
         step_indices[r].append(step)
+        step_real[r].append(real)
+        step_random[r].append(list(randoms))
         real_scores.append(real)
         baselines.append(baseline)
     r_ig = np.array([aggregate(igs, aggregation) for igs in step_igs], np.float32)
@@ -559,7 +568,7 @@ def ig_from_scores(
     diagnostics = _summary(np.array([ig for igs in step_igs for ig in igs]), np.array(real_scores),
                            np.array(baselines), r_ig[scored])
     diagnostics["ig/n_sequences"] = float(len(sequences))
-    return IGResult(step_igs, step_indices, r_ig, diagnostics)
+    return IGResult(step_igs, step_indices, r_ig, diagnostics, step_real, step_random)
 
 
 # ----------------------------------------------------------------------------------------------------------------

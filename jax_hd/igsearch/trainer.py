@@ -776,13 +776,16 @@ def expert_batch(
 ) -> dict[str, np.ndarray]:
     """The packed expert trajectories (`SFT_KEYS`, one fixed bucketed shape for the whole set)."""
     rollout_config = rollout_config_from(config)
-    trajectories = experts.expert_trajectories(examples, client, tokenizer, rollout_config,
+    dropped: list[tuple[str, str]] = []
+    trajectories = experts.expert_trajectories(examples, client, tokenizer, rollout_config, dropped=dropped,
                                                max_query_words=config.warm_start.max_query_words,
                                                refine_window_words=config.warm_start.refine_window_words,
                                                use_chat_template=config.policy.use_chat_template)
     if not trajectories:
         raise RuntimeError("no expert trajectory could be built (no retrieved document holds an answer)")
     logging.info("warm start: %d expert trajectories from %d questions", len(trajectories), len(examples))
+    for example_id, reason in dropped[:5]:
+        logging.info("warm start: no expert trajectory for %s: %s", example_id, reason)
     copies = config.warm_start.get("counterfactual_copies", 0)
     if copies:
         rng, token_ids = np.random.default_rng([config.seed, 7]), copy_token_ids(tokenizer)

@@ -128,7 +128,13 @@ def test_counterfactual_expert_trajectories_rename_entities_consistently(world, 
     config = rollout.RolloutConfig(dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=40,
                                    max_observation_tokens=96, max_response_tokens=256)
     examples = [ex for ex in world.splits["train"][:40] if ex.hops == 2][:3] + world.splits["train"][:3]
-    originals = experts.expert_trajectories(examples, client, tokenizer, config, refine_window_words=0)
+    dropped = []
+    originals = experts.expert_trajectories(examples, client, tokenizer, config, refine_window_words=0,
+                                            dropped=dropped)
+    assert len(originals) + len(dropped) == len(examples)
+    short = dataclasses.replace(config, max_response_tokens=40)
+    experts.expert_trajectories(examples[:2], client, tokenizer, short, dropped=dropped)
+    assert "exceed max_response_tokens = 40" in dropped[-1][1] and dropped[-1][0] == examples[1].id
     token_ids = trainer.copy_token_ids(tokenizer)
     assert tokenizer.convert_tokens_to_ids("<search>") not in token_ids and tokenizer.eos_token_id not in token_ids
     for original in originals:

@@ -279,6 +279,8 @@ def test_ig_is_real_minus_mean_random_with_a_fake_scorer():
         value = 10 * (r // 2) + r % 2
         expected = -value / 10 + np.mean([(10 * (s // 2) + s % 2) / 10 for s in sources])
         assert result.step_igs[r] == [pytest.approx(expected)] and result.step_indices[r] == [0]
+        assert result.step_real_scores[r] == [pytest.approx(-value / 10)]
+        assert result.step_real_scores[r][0] - np.mean(result.step_random_scores[r][0]) == pytest.approx(expected)
     assert scorer.calls == 1 and result.diagnostics["ig/n_sequences"] == 32
     assert result.diagnostics["ig/pool_size"] == 8 and result.diagnostics["ig/pool_fallback_steps"] == 0
     again = ig.compute_info_gain(ValueScorer(), None, trajectories, ["x"] * 8, BYTES, config, group_ids=groups, step=5)

@@ -61,7 +61,8 @@ def shared_warm_start(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     _, state_shardings = trainer.state_spec(s.model_config, tx, mesh, rules, False)
     rt = trainer.build_runtime(config, mesh, rules, s.tokenizer, s.client, s.model_config, tx, state_shardings)
     results = trainer.evaluate_policy(rt, params, s.eval_examples, config.eval.batch_size,
-                                      os.path.join(workdir, "eval_records_before_grpo.jsonl"))
+                                      os.path.join(workdir, "eval_records_before_grpo.jsonl"),
+                                      config.eval.get("max_turns", 0))
     before = {name: results[source]["em"] for name, source in SOURCES.items() if source in results}
     metrics.write_json(path, before)
     return before

@@ -67,6 +67,8 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.data.update(source="search_r1", path="data/search_r1/test.parquet")
         c.retrieval.backend = "http"
         c.policy.hf_dir = "checkpoints/Qwen2.5-3B"
+        # AutoRefine's evaluation recipe (cmd/eval.sh, spec 4.2): 3 search turns, observations up to 1024 tokens.
+        c.rollout.update(max_turns=3, max_observation_tokens=1024)
         c.eval.batch_size = 256
     else:
         raise ValueError(f"unknown preset {preset!r}; choose cpu_test, cpu_demo or qwen2_5_3b")

@@ -140,6 +140,7 @@ SCHEMA = {
     "sampler.row_buckets": F(int, positive=True),
     "eval.batch_size": F(int, positive=True),
     "eval.before_grpo": F(bool),
+    "eval.max_turns": F(int, low=0),
 }
 
 
@@ -744,15 +745,18 @@ def grpo_iteration(
 
 
 def evaluate_policy(
-    rt: Runtime, params: Any, examples: Sequence[qa.QAExample], batch_size: int, records_path: str | None = None
+    rt: Runtime, params: Any, examples: Sequence[qa.QAExample], batch_size: int, records_path: str | None = None,
+    max_turns: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Greedy EM (and friends) of the policy on `examples` (`evaluate.evaluate`); the per-question records (response
-    text, queries, answer) go to `records_path` (JSONL) when given, for reading what the policy writes."""
+    """Greedy EM (and friends) of the policy on `examples` (`evaluate.evaluate`), with `max_turns` search turns
+    (0: the training rollouts' own); the per-question records (response text, queries, answer) go to
+    `records_path` (JSONL) when given, for reading what the policy writes."""
+    rollout_config = dataclasses.replace(rt.rollout_config, max_turns=max_turns or rt.rollout_config.max_turns)
     policy = rollout.SamplerPolicy(rt.sampler, params, rt.tokenizer, jax.random.PRNGKey(0), temperature=0.0)
     quantum = row_quantum(min(batch_size, len(examples)), rt.row_buckets, sharding.batch_parallelism(rt.mesh))
     with nn.logical_axis_rules(rt.rules):
         results, records = evaluate.evaluate(PaddedPolicy(policy, quantum), rt.client, rt.tokenizer, examples,
-                                             rt.rollout_config, batch_size=batch_size,
+                                             rollout_config, batch_size=batch_size,
                                              use_chat_template=rt.use_chat_template)
     if records_path and jax.process_index() == 0:
         with open(records_path, "w") as f:
@@ -943,7 +947,8 @@ def grpo_loop(
     try:
         if start == 0 and config.eval.before_grpo and "before_grpo" not in evals:
             evals["before_grpo"] = evaluate_policy(rt, state.params, s.eval_examples, config.eval.batch_size,
-                                                   os.path.join(workdir, "eval_records_before_grpo.jsonl"))
+                                                   os.path.join(workdir, "eval_records_before_grpo.jsonl"),
+                                                   config.eval.get("max_turns", 0))
             write_json(eval_path, evals)
             writer.write(0, {"eval_em": evals["before_grpo"]["average"]["em"]})
         for iteration in range(start + 1, t.steps + 1):
@@ -951,7 +956,8 @@ def grpo_loop(
             state, step_metrics = grpo_iteration(rt, state, examples, iteration)
             if iteration == t.steps:
                 evals["after_grpo"] = evaluate_policy(rt, state.params, s.eval_examples, config.eval.batch_size,
-                                                      os.path.join(workdir, "eval_records_after_grpo.jsonl"))
+                                                      os.path.join(workdir, "eval_records_after_grpo.jsonl"),
+                                                      config.eval.get("max_turns", 0))
                 evals["ig_enabled"] = config.ig.enabled
                 write_json(eval_path, evals)
                 step_metrics["eval_em"] = evals["after_grpo"]["average"]["em"]

@@ -101,10 +101,12 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # composite reward R_item = relevance (0-3) + clip(CTR) + order 4 / click 3. advantage "position" = TPMA
     # (per-position marginal advantages, prefix gate, no clip), "sequence" = plain GRPO on R_item (PPO clip): the
     # "+GRPO" row. G, lr and steps are UNKNOWN in the paper (code example: G 4, lr 1e-5, temperature 1, beta 0).
+    # position_weights: w_l per SID position, the authors' tpma.py (2, 2, 1, 1, 0) (= the literal eq. 12; the method
+    # figure reads (2, 2, 2, 1, 1)).
     c.rl = ml_collections.ConfigDict(
         dict(
             steps=0, lr=1e-4, warmup_steps=5, prompts_per_step=32, num_samples=4, temperature=1.0,
-            advantage="position", gate="fraction", position_weights=(2.0, 2.0, 2.0, 1.0, 1.0),
+            advantage="position", gate="fraction", position_weights=(2.0, 2.0, 1.0, 1.0, 0.0),
             item_advantage_weight=0.0, sft_weight=0.1, kl_coef=0.0, clip_eps=0.2, order_value=4.0, click_value=3.0,
         )
     )  # fmt: skip
@@ -112,9 +114,13 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # tasks -> + self-distillation -> + R-Drop -> + FGM -> + focal -> + DPO -> + GRPO -> + TPMA) from this (V1)
     # config, rows sharing the checkpoints of their common stages; results in <workdir>/incremental.{json,md}.
     c.table = ml_collections.ConfigDict(dict(enabled=False, dpo_steps=100, rl_steps=100))
+    # sid_softmax: "sid" = the loss at a SID target position is a softmax over the SID tokens only and decoding
+    # never emits a non-SID token (`model.restrict_sid_logits`); "full" = over the whole vocabulary, which with the
+    # tied embeddings collapses the text-token embeddings and leaves an encoder that ignores the request (issue 21).
     c.model = ml_collections.ConfigDict(
         dict(
             backbone="bart",
+            sid_softmax="sid",
             d_model=128,
             encoder_layers=2,
             decoder_layers=2,

@@ -51,7 +51,7 @@ from jax_hd.data import catalog as catalog_lib
 from jax_hd.data.tokenizer import train_bpe_tokenizer
 from jax_hd.decoding import prefix_tree as pt
 from jax_hd.models import bart, qformer, qwen2
-from jax_hd.onesearch import alignment, distill, evaluate, semantic_ids
+from jax_hd.onesearch import alignment, diagnostics, distill, evaluate, semantic_ids
 from jax_hd.onesearch import keywords as keywords_lib
 from jax_hd.onesearch import model as model_lib
 
@@ -59,6 +59,9 @@ SFT_STAGES = ("stage1", "stage2", "stage3")
 ALIGN_STAGES = ("dpo", "rl")
 STAGES = SFT_STAGES + ALIGN_STAGES
 SFT_KEYS = ("input_ids", "input_mask", "memory", "labels", "label_mask")
+SID_SOFTMAX = ("sid", "full")
+"""config.model.sid_softmax: "sid" scores SID targets by a softmax over the SID tokens (`model.restrict_sid_logits`),
+"full" over the whole vocabulary (the pre-issue-21 behaviour, which collapses the text-token embeddings)."""
 F = config_lib.Field
 SCHEMA = {
     "seed": F(int, low=0),
@@ -137,6 +140,7 @@ SCHEMA = {
     "table.dpo_steps": F(int, positive=True),
     "table.rl_steps": F(int, positive=True),
     "model.backbone": F(str, choices=model_lib.BACKBONES),
+    "model.sid_softmax": F(str, choices=SID_SOFTMAX),
     "model.d_model": F(int, positive=True),
     "model.encoder_layers": F(int, positive=True),
     "model.decoder_layers": F(int, positive=True),
@@ -471,6 +475,7 @@ def build_model_config(
         decoder_start_token_id=vocab.special("[DEC]"),
         pad_token_id=vocab.pad_id,
         num_memory_vectors=3 * len(config.sid.rq_sizes),
+        sid_token_range=vocab.sid_range if m.sid_softmax == "sid" else None,
     )
     max_len = max(64, input_len + 2 * label_length(config, vocab.num_levels))
     if m.backbone == "bart":
@@ -1207,6 +1212,8 @@ def evaluate_stage(setup: Setup, params: Any, mesh: Mesh, rules: sharding.Rules)
                 "top1_valid_id_rate": evaluate.valid_id_rate(codes[:, :1], setup.collisions),
                 "num_pairs": len(ex),
             }
+        results["teacher_forced"] = teacher_forced_report(setup, params)
+        results["relapse"] = {k: round(float(v), 6) for k, v in relapse_fn(setup)(params).items()}
         if setup.loo is not None and len(setup.loo["targets"]):
             n = len(setup.loo["targets"])
             ex = Examples(
@@ -1217,6 +1224,86 @@ def evaluate_stage(setup: Setup, params: Any, mesh: Mesh, rules: sharding.Rules)
             rankings = evaluate.items_from_sids(codes, setup.collisions, e.top_k)
             results["leave_one_out"] = evaluate.ranking_metrics(rankings, ex.targets, (5, e.top_k))
     return results
+
+
+TEACHER_FORCED_ROWS = 512
+"""Rows of stage-3 train examples and of each test set scored by `teacher_forced_report`."""
+
+
+def make_level_accuracy_fn(setup: Setup):
+    """Jitted `(params, batch) -> [L] int32`: per SID level, how many rows' argmax (teacher-forced, the prefix given)
+    equals the label; batch as `make_batch` (labels' first L tokens are the SID)."""
+    key = ("level_accuracy",)
+    if key not in setup.cache:
+        model = model_lib.OneSearchModel(setup.model_config)
+        levels = setup.vocab.num_levels
+
+        @jax.jit
+        def run(params, batch):
+            logits = model.apply(
+                {"params": params}, batch["input_ids"], batch["input_mask"], batch["memory"], batch["labels"]
+            )
+            hit = jnp.argmax(logits[:, :levels], -1) == batch["labels"][:, :levels]
+            return jnp.sum(hit & batch["label_mask"][:, :levels], axis=0)
+
+        setup.cache[key] = run
+    return setup.cache[key]
+
+
+def teacher_forced_report(setup: Setup, params: Any) -> dict[str, Any]:
+    """Teacher-forced accuracy per SID level (level l given the true levels < l) on up to `TEACHER_FORCED_ROWS`
+    stage-3 train rows ('train') and test click / order pairs, next to the share of the most common code per level
+    among the train rows' targets ('majority_share', what a request-blind model gets at level 1)."""
+    fn = make_level_accuracy_fn(setup)
+    b = setup.config.eval.batch_size
+    levels = setup.vocab.num_levels
+    train = setup.stages["stage3"]
+    sets = {"train": train.select(np.arange(min(TEACHER_FORCED_ROWS, len(train))))}
+    for which, ex in setup.eval_sets.items():
+        sets[which] = ex.select(np.arange(min(TEACHER_FORCED_ROWS, len(ex))))
+    out: dict[str, Any] = {}
+    for name, ex in sets.items():
+        if not len(ex):
+            continue
+        hits = np.zeros(levels, np.int64)
+        for start in range(0, len(ex), b):
+            rows = np.arange(start, min(start + b, len(ex)))
+            padded = np.concatenate([rows, np.full(b - len(rows), rows[-1])])
+            batch = make_batch(ex, padded, setup.tables, setup.entity_rows)
+            batch["label_mask"][len(rows) :] = False
+            hits += np.asarray(fn(params, batch))
+        out[name] = [round(float(h) / len(ex), 4) for h in hits]
+    codes = setup.item_codes[sets["train"].targets[sets["train"].targets >= 0]]
+    out["majority_share"] = [
+        round(float(np.bincount(codes[:, lv]).max() / max(len(codes), 1)), 4) for lv in range(levels)
+    ]
+    return out
+
+
+RELAPSE_ROWS = 64
+"""Test click requests whose first-token logits `relapse_fn` compares."""
+
+
+def relapse_fn(setup: Setup):
+    """`params -> relapse metrics` (`diagnostics.relapse_metrics`) on a fixed probe batch: the first
+    `RELAPSE_ROWS` test click requests (else stage-3 rows); text tokens are the BPE ids except pad."""
+    key = ("relapse",)
+    if key not in setup.cache:
+        ex = setup.eval_sets.get("click")
+        if ex is None or not len(ex):
+            ex = setup.stages["stage3"]
+        rows = np.arange(min(RELAPSE_ROWS, len(ex)))
+        b = make_batch(ex, rows, setup.tables, setup.entity_rows)
+        probe = {k: b[k] for k in ("input_ids", "input_mask", "memory")}
+        vocab = setup.vocab
+        first = vocab.sid_token_offsets[0]
+        metrics_fn = functools.partial(
+            diagnostics.relapse_metrics, setup.model_config, text_rows=(1, vocab.text_vocab_size),
+            first_level=(first, first + vocab.level_sizes[0]),
+        )  # fmt: skip
+        fn = jax.jit(metrics_fn)
+        setup.cache[key] = lambda params: fn(params, probe)
+    return setup.cache[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1477,7 +1564,7 @@ def run_stage(
             batch = sharding.shard_batch(batch, mesh) if stage in SFT_STAGES else np.asarray(batch)
             state, step_metrics = update(state, batch, lr)
             if step % t.log_every == 0 or step == last:
-                writer.write(step, dict(step_metrics))
+                writer.write(step, {**step_metrics, **relapse_fn(setup)(state.params)})
             preempted = ckpt.should_stop(step)
             ckpt.save(step, state, it, config, force=preempted or step == last)
             if preempted:

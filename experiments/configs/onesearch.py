@@ -21,7 +21,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1)
     )
     # Simulated world and example budgets. max_long: long behaviour sequence cap (spec: up to ~1e3);
-    # max_examples: per-stage cap (stage 3: + half as many sliding-window samples).
+    # max_examples: per-stage cap (stage 3: + half as many sliding-window samples); stage3_replay: stage-3 rows mixed
+    # into stages 1 and 2, as a share of each stage's size (0: none; issue 21: without them the task prompts of
+    # stages 1-2 leave a generator whose first SID token ignores the personalised request).
     c.data = ml_collections.ConfigDict(
         dict(
             num_items=20_000,
@@ -32,6 +34,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             max_long=50,
             sliding_window=True,
             max_examples=20_000,
+            stage3_replay=0.0,
         )
     )
     # Semantic IDs (spec §1.4). embedder: "minilm" (real all-MiniLM-L6-v2, cached in <workdir>/cache) or "hashed".
@@ -116,11 +119,15 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.table = ml_collections.ConfigDict(dict(enabled=False, dpo_steps=100, rl_steps=100))
     # sid_softmax: "sid" = the loss at a SID target position is a softmax over the SID tokens only and decoding
     # never emits a non-SID token (`model.restrict_sid_logits`); "full" = over the whole vocabulary, which with the
-    # tied embeddings collapses the text-token embeddings and leaves an encoder that ignores the request (issue 21).
+    # tied embeddings collapses the text-token embeddings and leaves an encoder that ignores the request (issue 21);
+    # "split" = also text targets (stages 1-2) over the non-SID tokens only. tie_embeddings: the output layer is the
+    # input embedding table (True, BART / HF) or its own `lm_head` (False: no output-softmax gradient reaches the
+    # input embeddings).
     c.model = ml_collections.ConfigDict(
         dict(
             backbone="bart",
             sid_softmax="sid",
+            tie_embeddings=True,
             d_model=128,
             encoder_layers=2,
             decoder_layers=2,
@@ -150,7 +157,8 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     )
     # num_beams: constrained beam width (paper 512); max_pairs: click / order test pairs each;
     # unconstrained_pairs: requests decoded without the prefix tree for the valid-ID rate;
-    # long_tail_max_count: a query with at most this many train sessions is long-tail.
+    # long_tail_max_count: a query with at most this many train sessions is long-tail; every_stage: evaluate after
+    # every stage (False: after the last one only).
     c.eval = ml_collections.ConfigDict(
         dict(
             num_beams=20,
@@ -160,6 +168,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             unconstrained_pairs=128,
             long_tail_max_count=3,
             leave_one_out_users=128,
+            every_stage=True,
         )
     )
 

@@ -372,7 +372,8 @@ class OneSearchConfig:
     pad_token_id from the `Vocab`; sid_token_range: `(first, end)` token ids of the SID tokens (`Vocab.sid_range`):
     when set, every target position whose label is a SID token is scored by a softmax over the SID tokens only
     (`restrict_sid_logits`) and decoding never emits a non-SID token; None: the full-vocabulary softmax everywhere
-    (with tied embeddings it collapses the text-token embeddings, see `restrict_sid_logits`)."""
+    (with tied embeddings it collapses the text-token embeddings, see `restrict_sid_logits`);
+    restrict_text_targets: also score text targets over the non-SID tokens only (needs sid_token_range)."""
 
     backbone: str
     qformer: qformer.QFormerConfig
@@ -383,6 +384,7 @@ class OneSearchConfig:
     qwen2: qwen2.Qwen2Config | None = None
     num_memory_vectors: int = 9
     sid_token_range: tuple[int, int] | None = None
+    restrict_text_targets: bool = False
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -395,6 +397,8 @@ class OneSearchConfig:
             lo, hi = self.sid_token_range
             if not 0 <= lo < hi <= self.vocab_size:
                 raise ValueError(f"sid_token_range {self.sid_token_range} is not a range of [0, {self.vocab_size})")
+        if self.restrict_text_targets and self.sid_token_range is None:
+            raise ValueError("restrict_text_targets needs sid_token_range")
 
     @property
     def vocab_size(self) -> int:
@@ -424,8 +428,11 @@ def mask_non_sid(logits: Array, sid_range: tuple[int, int]) -> Array:
     return jnp.where(keep, logits, jnp.asarray(NEG_LOGIT, logits.dtype))
 
 
-def restrict_sid_logits(logits: Array, labels: Array, sid_range: tuple[int, int]) -> Array:
-    """SID-restricted logits: at target positions whose label is a SID token, non-SID tokens get `NEG_LOGIT`.
+def restrict_sid_logits(
+    logits: Array, labels: Array, sid_range: tuple[int, int], text_targets_too: bool = False
+) -> Array:
+    """SID-restricted logits: at target positions whose label is a SID token, non-SID tokens get `NEG_LOGIT` (and,
+    with `text_targets_too`, at positions whose label is a non-pad text / special token, the SID tokens do).
 
     logits `[b, t, V]` label-aligned (index j predicts `labels[:, j]`), labels `[b, t]`; other positions (text
     targets of stages 1-2, padding) keep the full vocabulary. A log-softmax of the result is the log-softmax over
@@ -433,17 +440,26 @@ def restrict_sid_logits(logits: Array, labels: Array, sid_range: tuple[int, int]
     policy log-probs) uses it. Why: with tied input/output embeddings, a full-vocabulary softmax at SID positions
     gives every text token the same "lower your logit" gradient each step; AdamW scales it to full-size steps and
     the text-token embeddings collapse onto one direction, after which the encoder ignores the request (issue 21).
-    Masked entries get zero gradient. Returns `[b, t, V]` in the dtype of `logits`.
+    Masked entries get zero gradient. `text_targets_too` is the mirror image for the SID embeddings: text targets
+    of stages 1-2 then never push the SID tokens' logits down. Label 0 (pad) is never restricted. Returns
+    `[b, t, V]` in the dtype of `logits`.
     """
-    restrict = is_sid_token(labels, sid_range)[..., None] & ~is_sid_token(jnp.arange(logits.shape[-1]), sid_range)
+    sid_label = is_sid_token(labels, sid_range)[..., None]
+    sid_vocab = is_sid_token(jnp.arange(logits.shape[-1]), sid_range)
+    restrict = sid_label & ~sid_vocab
+    if text_targets_too:
+        restrict = restrict | ((~sid_label) & (labels != 0)[..., None] & sid_vocab)
     return jnp.where(restrict, jnp.asarray(NEG_LOGIT, logits.dtype), logits)
 
 
-def sid_restricted_log_softmax(logits: Array, labels: Array, sid_range: tuple[int, int] | None) -> Array:
-    """`[b, t, V]` float32 log-probs: over the SID tokens at SID-label positions, the full vocabulary elsewhere (and
-    everywhere when `sid_range` is None). logits `[b, t, V]`, labels `[b, t]`."""
+def sid_restricted_log_softmax(
+    logits: Array, labels: Array, sid_range: tuple[int, int] | None, text_targets_too: bool = False
+) -> Array:
+    """`[b, t, V]` float32 log-probs: over the SID tokens at SID-label positions, the full vocabulary elsewhere (over
+    the non-SID tokens at text-label positions with `text_targets_too`), everywhere the full vocabulary when
+    `sid_range` is None. logits `[b, t, V]`, labels `[b, t]`."""
     if sid_range is not None:
-        logits = restrict_sid_logits(logits, labels, sid_range)
+        logits = restrict_sid_logits(logits, labels, sid_range, text_targets_too)
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -539,7 +555,9 @@ class OneSearchModel(nn.Module):
     def _restrict(self, logits: Array, labels: Array) -> Array:
         """`restrict_sid_logits` when the config has a SID range, else `logits` unchanged."""
         sid_range = self.config.sid_token_range
-        return logits if sid_range is None else restrict_sid_logits(logits, labels, sid_range)
+        if sid_range is None:
+            return logits
+        return restrict_sid_logits(logits, labels, sid_range, self.config.restrict_text_targets)
 
 
 def _embed_interceptor(memory_embeds: Array, mem_token_id: int, delta: Array | None = None):

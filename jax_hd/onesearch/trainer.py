@@ -59,9 +59,10 @@ SFT_STAGES = ("stage1", "stage2", "stage3")
 ALIGN_STAGES = ("dpo", "rl")
 STAGES = SFT_STAGES + ALIGN_STAGES
 SFT_KEYS = ("input_ids", "input_mask", "memory", "labels", "label_mask")
-SID_SOFTMAX = ("sid", "full")
+SID_SOFTMAX = ("sid", "split", "full")
 """config.model.sid_softmax: "sid" scores SID targets by a softmax over the SID tokens (`model.restrict_sid_logits`),
-"full" over the whole vocabulary (the pre-issue-21 behaviour, which collapses the text-token embeddings)."""
+"split" also text targets over the non-SID tokens, "full" everything over the whole vocabulary (the pre-issue-21
+behaviour, which collapses the text-token embeddings)."""
 F = config_lib.Field
 SCHEMA = {
     "seed": F(int, low=0),
@@ -77,6 +78,7 @@ SCHEMA = {
     "data.max_long": F(int, positive=True),
     "data.sliding_window": F(bool),
     "data.max_examples": F(int, positive=True),
+    "data.stage3_replay": F(float, low=0.0),
     "sid.embedder": F(str, choices=("minilm", "hashed")),
     "sid.embed_dim": F(int, positive=True),
     "sid.rq_sizes": F((tuple, list)),
@@ -141,6 +143,7 @@ SCHEMA = {
     "table.rl_steps": F(int, positive=True),
     "model.backbone": F(str, choices=model_lib.BACKBONES),
     "model.sid_softmax": F(str, choices=SID_SOFTMAX),
+    "model.tie_embeddings": F(bool),
     "model.d_model": F(int, positive=True),
     "model.encoder_layers": F(int, positive=True),
     "model.decoder_layers": F(int, positive=True),
@@ -169,6 +172,7 @@ SCHEMA = {
     "eval.unconstrained_pairs": F(int, low=0),
     "eval.long_tail_max_count": F(int, low=0),
     "eval.leave_one_out_users": F(int, low=0),
+    "eval.every_stage": F(bool),
 }
 
 
@@ -475,7 +479,8 @@ def build_model_config(
         decoder_start_token_id=vocab.special("[DEC]"),
         pad_token_id=vocab.pad_id,
         num_memory_vectors=3 * len(config.sid.rq_sizes),
-        sid_token_range=vocab.sid_range if m.sid_softmax == "sid" else None,
+        sid_token_range=None if m.sid_softmax == "full" else vocab.sid_range,
+        restrict_text_targets=m.sid_softmax == "split",
     )
     max_len = max(64, input_len + 2 * label_length(config, vocab.num_levels))
     if m.backbone == "bart":
@@ -484,13 +489,14 @@ def build_model_config(
             decoder_layers=m.decoder_layers, encoder_attention_heads=m.heads, decoder_attention_heads=m.heads,
             encoder_ffn_dim=m.ffn_dim, decoder_ffn_dim=m.ffn_dim, max_position_embeddings=max_len,
             pad_token_id=vocab.pad_id, bos_token_id=vocab.special("[BOS]"), eos_token_id=vocab.special("[EOS]"),
-            decoder_start_token_id=vocab.special("[DEC]"), dropout=m.dropout,
+            decoder_start_token_id=vocab.special("[DEC]"), dropout=m.dropout, tie_word_embeddings=m.tie_embeddings,
         )  # fmt: skip
         return model_lib.OneSearchConfig(bart=b, **common)
     q = qwen2.Qwen2Config(
         vocab_size=vocab.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
         num_hidden_layers=m.encoder_layers + m.decoder_layers, num_attention_heads=m.heads,
-        num_key_value_heads=m.heads, rope_theta=10000.0, max_position_embeddings=max_len, tie_word_embeddings=True,
+        num_key_value_heads=m.heads, rope_theta=10000.0, max_position_embeddings=max_len,
+        tie_word_embeddings=m.tie_embeddings,
     )  # fmt: skip
     return model_lib.OneSearchConfig(qwen2=q, **common)
 
@@ -867,6 +873,16 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         num_cot = len(s1_cot)
         cot_ex = pack([p for p, _ in s1_cot], [], [y for _, y in s1_cot], [-1] * num_cot, [""] * num_cot)
         stages["stage1"] = concat_examples(stages["stage1"], cot_ex)
+
+    # 3e. Stage-3 replay (own rng): personalised stage-3 rows mixed into stages 1 and 2 (`data.stage3_replay` x the
+    # stage's size), so the encoder keeps reading the personalised prompt (issue 21: trained on task prompts only,
+    # stages 1-2 leave a generator whose first SID token does not depend on the request, and stage 3 stays there).
+    if d.stage3_replay > 0:
+        replay_rng = np.random.default_rng([config.seed, 0x5E3])
+        for stage in ("stage1", "stage2"):
+            n = min(int(round(d.stage3_replay * len(stages[stage]))), len(stages["stage3"]))
+            rows = np.sort(replay_rng.choice(len(stages["stage3"]), size=n, replace=False))
+            stages[stage] = concat_examples(stages[stage], stages["stage3"].select(rows))
 
     # 4. Evaluation pairs (test split), slices and the popularity baseline.
     test_rows = np.flatnonzero(log.splits == "test")
@@ -1631,11 +1647,11 @@ def train(
     write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     write_json(os.path.join(workdir, "data_info.json"), setup.info)
     all_results = {"data": setup.info, "popularity": popularity_results(setup)}
-    all_results.update(run_stages(config, workdir, setup, mesh))
+    all_results.update(run_stages(config, workdir, setup, mesh, evaluate_all=config.eval.every_stage))
     write_json(os.path.join(workdir, "results.json"), all_results)
     if jax.process_index() == 0:
         rows = [("popularity baseline", all_results["popularity"])]
-        rows += [(f"after {s}", all_results[s]) for s in active_stages(config)]
+        rows += [(f"after {s}", all_results[s]) for s in active_stages(config) if all_results[s]]
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(results_table(rows, config.eval.top_k))
     return all_results

@@ -266,6 +266,15 @@ def test_sid_restricted_log_softmax_hand_example():
     for b, t in ((0, 1), (0, 2), (1, 2)):  # text / pad labels: the full vocabulary
         np.testing.assert_allclose(lp[b, t], full[b, t], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(M.sid_restricted_log_softmax(logits, labels, None), full, rtol=1e-6)
+    # text_targets_too: text labels are scored over the non-SID tokens; pad positions keep the full vocabulary.
+    split = np.asarray(M.sid_restricted_log_softmax(logits, labels, sid_range, text_targets_too=True))
+    np.testing.assert_allclose(split[:, 0], lp[:, 0], rtol=1e-6)
+    text = np.asarray(logits)[..., [0, 1, 2, 6]]
+    text_lp = text - np.log(np.exp(text).sum(-1, keepdims=True))
+    for b, t in ((0, 1), (1, 2)):
+        np.testing.assert_allclose(split[b, t, [0, 1, 2, 6]], text_lp[b, t], rtol=1e-5, atol=1e-6)
+        assert np.exp(split[b, t, 3:6]).max() == 0
+    np.testing.assert_allclose(split[0, 2], full[0, 2], rtol=1e-5, atol=1e-6)
 
     # No gradient reaches a non-SID logit from a SID target (what collapsed the tied text embeddings).
     def nll(z):
@@ -313,3 +322,25 @@ def test_sid_softmax_in_forward_and_unconstrained_decoding(backbone):
     np.testing.assert_allclose(tf, np.asarray(logp).reshape(4, 5), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="sid_token_range"):
         dataclasses.replace(_config(backbone), sid_token_range=(5, VOCAB.vocab_size + 1))
+
+
+def test_untied_output_layer():
+    base = _config("bart")
+    cfg = dataclasses.replace(base, bart=dataclasses.replace(base.bart, tie_word_embeddings=False))
+    params = nn.unbox(M.init_params(cfg, jax.random.PRNGKey(0)))
+    assert params["backbone"]["lm_head"].shape == params["backbone"]["shared"]["embedding"].shape
+    x, m, memory = _batch()
+    labels = VOCAB.sid_tokens(CODES[:2])
+
+    def loss(p):
+        out = M.OneSearchModel(cfg).apply({"params": p}, x, m, memory, labels)
+        return M.sequence_loss(out, labels, np.ones_like(labels, bool))[0]
+
+    g = jax.grad(loss)(params)["backbone"]
+    # The output softmax trains lm_head; the input table only gets gradient at the tokens that are read.
+    read = np.concatenate([x.reshape(-1), labels.reshape(-1), [VOCAB.special("[DEC]")]])
+    unread = np.setdiff1d(np.arange(VOCAB.vocab_size), read)
+    assert np.abs(np.asarray(g["lm_head"])[unread]).max() > 0
+    assert np.abs(np.asarray(g["shared"]["embedding"])[unread]).max() == 0
+    with pytest.raises(ValueError, match="untied"):
+        cfg.bart.to_hf_dict()

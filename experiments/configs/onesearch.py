@@ -3,8 +3,8 @@
     python -m experiments.onesearch --config=experiments/configs/onesearch.py:cpu_demo --workdir=runs/onesearch_demo
 
 Presets: `cpu_test` (seconds; tests: a 300-item world, hashed embeddings, a 1+1-layer BART), `cpu_demo` (the
-embedded simulated world, 20k items, real MiniLM embeddings for the SIDs, BART 2+2 layers d=128, a few hundred
-steps per SFT stage; <= ~10 minutes on 2 CPU cores), `bart_base_paper` (BART-base 6+6 d=768, spec §1.4's
+embedded simulated world at 5k items, real MiniLM embeddings for the SIDs, BART 2+2 layers d=128, 100 / 50 / 600
+steps in the three SFT stages; <= ~15 minutes on one CPU core), `bart_base_paper` (BART-base 6+6 d=768, spec §1.4's
 4096-1024-512 + OPQ 2x256 codebooks, beam 512; accelerator scale).
 """
 
@@ -21,7 +21,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1)
     )
     # Simulated world and example budgets. max_long: long behaviour sequence cap (spec: up to ~1e3);
-    # max_examples: per-stage cap (stage 3: + half as many sliding-window samples).
+    # max_examples: per-stage cap (stage 3: + half as many sliding-window samples); stage3_replay: stage-3 rows mixed
+    # into stages 1 and 2, as a share of each stage's size (0: none; issue 21: without them the task prompts of
+    # stages 1-2 leave a generator whose first SID token ignores the personalised request).
     c.data = ml_collections.ConfigDict(
         dict(
             num_items=20_000,
@@ -32,6 +34,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             max_long=50,
             sliding_window=True,
             max_examples=20_000,
+            stage3_replay=0.0,
         )
     )
     # Semantic IDs (spec §1.4). embedder: "minilm" (real all-MiniLM-L6-v2, cached in <workdir>/cache) or "hashed".
@@ -101,10 +104,12 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # composite reward R_item = relevance (0-3) + clip(CTR) + order 4 / click 3. advantage "position" = TPMA
     # (per-position marginal advantages, prefix gate, no clip), "sequence" = plain GRPO on R_item (PPO clip): the
     # "+GRPO" row. G, lr and steps are UNKNOWN in the paper (code example: G 4, lr 1e-5, temperature 1, beta 0).
+    # position_weights: w_l per SID position, the authors' tpma.py (2, 2, 1, 1, 0) (= the literal eq. 12; the method
+    # figure reads (2, 2, 2, 1, 1)).
     c.rl = ml_collections.ConfigDict(
         dict(
             steps=0, lr=1e-4, warmup_steps=5, prompts_per_step=32, num_samples=4, temperature=1.0,
-            advantage="position", gate="fraction", position_weights=(2.0, 2.0, 2.0, 1.0, 1.0),
+            advantage="position", gate="fraction", position_weights=(2.0, 2.0, 1.0, 1.0, 0.0),
             item_advantage_weight=0.0, sft_weight=0.1, kl_coef=0.0, clip_eps=0.2, order_value=4.0, click_value=3.0,
         )
     )  # fmt: skip
@@ -112,9 +117,17 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # tasks -> + self-distillation -> + R-Drop -> + FGM -> + focal -> + DPO -> + GRPO -> + TPMA) from this (V1)
     # config, rows sharing the checkpoints of their common stages; results in <workdir>/incremental.{json,md}.
     c.table = ml_collections.ConfigDict(dict(enabled=False, dpo_steps=100, rl_steps=100))
+    # sid_softmax: "sid" = the loss at a SID target position is a softmax over the SID tokens only and decoding
+    # never emits a non-SID token (`model.restrict_sid_logits`); "full" = over the whole vocabulary, which with the
+    # tied embeddings collapses the text-token embeddings and leaves an encoder that ignores the request (issue 21);
+    # "split" = also text targets (stages 1-2) over the non-SID tokens only. tie_embeddings: the output layer is the
+    # input embedding table (True, BART / HF) or its own `lm_head` (False: no output-softmax gradient reaches the
+    # input embeddings).
     c.model = ml_collections.ConfigDict(
         dict(
             backbone="bart",
+            sid_softmax="sid",
+            tie_embeddings=True,
             d_model=128,
             encoder_layers=2,
             decoder_layers=2,
@@ -144,7 +157,8 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     )
     # num_beams: constrained beam width (paper 512); max_pairs: click / order test pairs each;
     # unconstrained_pairs: requests decoded without the prefix tree for the valid-ID rate;
-    # long_tail_max_count: a query with at most this many train sessions is long-tail.
+    # long_tail_max_count: a query with at most this many train sessions is long-tail; every_stage: evaluate after
+    # every stage (False: after the last one only).
     c.eval = ml_collections.ConfigDict(
         dict(
             num_beams=20,
@@ -154,6 +168,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             unconstrained_pairs=128,
             long_tail_max_count=3,
             leave_one_out_users=128,
+            every_stage=True,
         )
     )
 
@@ -201,7 +216,17 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         )
         c.eval.update(num_beams=4, max_pairs=24, batch_size=8, unconstrained_pairs=8, leave_one_out_users=8)
     elif preset == "cpu_demo":
-        pass
+        # Sized for <= ~15 minutes on one CPU core (issue 21; measured ~13 min wall on a shared core, MiniLM cached):
+        # a 5k-item world (about 1k queries), 10k stage-3 click rows + 5k sliding-window rows, stage 3 the longest
+        # (600 steps, ~1.3 epochs), a SID-only softmax on SID targets and a text-only one on text targets ("split"),
+        # an untied output layer, and half a stage of stage-3 rows replayed in stages 1-2 (without them the first
+        # SID token ignores the request after stages 1-2). Evaluated after stage 3 only.
+        c.data.update(num_items=5_000, num_users=2_000, num_sessions=20_000, num_intents=1_000, max_examples=10_000,
+                      stage3_replay=0.5)  # fmt: skip
+        c.sid.update(rq_sizes=(128, 32, 16))
+        c.model.update(sid_softmax="split", tie_embeddings=False)
+        c.trainer.update(stage1_steps=100, stage2_steps=50, stage3_steps=600)
+        c.eval.update(leave_one_out_users=64, every_stage=False)
     elif preset == "bart_base_paper":
         c.sid.update(rq_sizes=(4096, 1024, 512), opq_codebook_size=256, kmeans_iters=25, opq_iters=10)
         c.data.update(max_long=1000, max_examples=10_000_000, bpe_vocab_size=50_000)

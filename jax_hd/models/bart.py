@@ -84,6 +84,7 @@ class BartConfig:
     layer_norm_eps: float = 1e-5
     dtype: DType = jnp.float32  # activations (LayerNorm statistics, softmax and logits are fp32)
     param_dtype: DType = jnp.float32
+    tie_word_embeddings: bool = True  # False: a separate `lm_head [vocab, d_model]` (not in HF BART checkpoints)
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # jnp.float32, "bfloat16", ... -> np.dtype, so configs compare equal
@@ -154,6 +155,8 @@ class BartConfig:
 
     def to_hf_dict(self, torch_dtype: DType | None = None) -> dict[str, Any]:
         """An HF `config.json` dict for `(M)BartForConditionalGeneration` (`torch_dtype` default: param_dtype)."""
+        if not self.tie_word_embeddings:
+            raise ValueError("an untied lm_head (tie_word_embeddings=False) has no HF BART counterpart")
         dtype_name = jnp.dtype(torch_dtype or self.param_dtype).name
         return {
             "architectures": [_ARCHITECTURES[self.normalize_before]],
@@ -510,6 +513,9 @@ class Bart(nn.Module):
         self.decoder = Decoder(cfg)
         bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",))
         self.final_logits_bias = self.param("final_logits_bias", bias_init, (cfg.vocab_size,), cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            head_init = nn.with_logical_partitioning(nn.initializers.normal(_INIT_STDDEV), ("vocab", "embed"))
+            self.lm_head = self.param("lm_head", head_init, (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
 
     def embed_tokens(self, input_ids: Array) -> Array:
         """Scaled token embeddings `[batch, seq, d]` of `input_ids` `[batch, seq]` (HF's `embed_tokens`)."""
@@ -621,7 +627,7 @@ class Bart(nn.Module):
             cache,
             deterministic,
         )
-        head = jnp.asarray(self.shared.embedding, cfg.dtype)
+        head = jnp.asarray(self.shared.embedding if cfg.tie_word_embeddings else self.lm_head, cfg.dtype)
         logits = jnp.einsum("bld,vd->blv", x, head, preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(
             logits + self.final_logits_bias.astype(jnp.float32), ("batch", "length", "vocab")

@@ -71,17 +71,17 @@ class DPOConfig:
 @dataclasses.dataclass(frozen=True)
 class TPMAConfig:
     """num_samples: G rollouts per prompt (>= 2: the group statistics need two); temperature: sampling temperature;
-    position_weights: w_l of the prefix reward, one per SID level ((2, 2, 2, 1, 1) from the method figure; the
-    literal eq. 12 gives (2, 2, 1, 1, 0)); gate: "fraction" (g_l = share of the l - 1 earlier positions right),
-    "strict" (1 only if the whole earlier prefix equals one truth) or "none"; item_advantage_weight: w_item of the
-    group-normalised item reward; sft_weight: auxiliary CE on (prompt -> first truth SID); kl_coef / kl_clamp: k3
-    KL to a reference (`grpo.grpo_loss`); advantage: "position" (TPMA) or "sequence" (plain GRPO on R_item);
-    clip_eps: PPO clip (sequence mode only); log_ratio_clamp: |log ratio| bound (TPMA); order_value / click_value /
-    ctr_clip: the composite item reward; eps: added to the group std."""
+    position_weights: w_l of the prefix reward, one per SID level ((2, 2, 1, 1, 0): the authors' tpma.py and the
+    literal eq. 12; the method figure reads (2, 2, 2, 1, 1)); gate: "fraction" (g_l = share of the l - 1 earlier
+    positions right), "strict" (1 only if the whole earlier prefix equals one truth) or "none";
+    item_advantage_weight: w_item of the group-normalised item reward; sft_weight: auxiliary CE on (prompt -> first
+    truth SID); kl_coef / kl_clamp: k3 KL to a reference (`grpo.grpo_loss`); advantage: "position" (TPMA) or
+    "sequence" (plain GRPO on R_item); clip_eps: PPO clip (sequence mode only); log_ratio_clamp: |log ratio| bound
+    (TPMA); order_value / click_value / ctr_clip: the composite item reward; eps: added to the group std."""
 
     num_samples: int = 4
     temperature: float = 1.0
-    position_weights: tuple[float, ...] = (2.0, 2.0, 2.0, 1.0, 1.0)
+    position_weights: tuple[float, ...] = (2.0, 2.0, 1.0, 1.0, 0.0)
     gate: str = "fraction"
     item_advantage_weight: float = 0.0
     sft_weight: float = 0.1

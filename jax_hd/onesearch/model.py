@@ -44,6 +44,8 @@ from jax_hd.decoding import prefix_tree as pt
 from jax_hd.models import bart, qformer, qwen2
 
 Array = jax.Array
+NEG_LOGIT = -1e9
+"""Logit of a token excluded from a softmax (finite: fully masked rows stay NaN-free; exp underflows to 0)."""
 
 SPECIAL_TOKENS = ("[BOS]", "[SEP]", "[EOS]", "[MEM]", "[DEC]", "[NOUID]", "[KW]")
 COT_TASK_TOKENS = ("[Q2KW]", "[QSID2KWSID]", "[Q2PKW]", "[QSID2PKWSID]")
@@ -106,6 +108,11 @@ class Vocab:
     def sid_token_offsets(self) -> tuple[int, ...]:
         """Token id of code 0 per level (`prefix_tree.build_prefix_tree(level_offsets=...)`)."""
         return tuple(self.sid_offset + o for o in self.level_offsets)
+
+    @property
+    def sid_range(self) -> tuple[int, int]:
+        """`(first, end)`: the SID tokens are the ids `first <= id < end` (every level, OPQ codes included)."""
+        return self.sid_offset, self.sid_offset + sum(self.level_sizes)
 
     @property
     def vocab_size(self) -> int:
@@ -362,7 +369,11 @@ def sliding_window_examples(sequence: Sequence[int], window: int) -> list[tuple[
 class OneSearchConfig:
     """backbone: "bart" (uses `bart`) or "qwen2" (uses `qwen2`); qformer: the long-sequence Q-Former
     (`num_query_tokens` = N_M, `encoder_hidden_size` = memory_dim); mem_token_id / decoder_start_token_id /
-    pad_token_id from the `Vocab`."""
+    pad_token_id from the `Vocab`; sid_token_range: `(first, end)` token ids of the SID tokens (`Vocab.sid_range`):
+    when set, every target position whose label is a SID token is scored by a softmax over the SID tokens only
+    (`restrict_sid_logits`) and decoding never emits a non-SID token; None: the full-vocabulary softmax everywhere
+    (with tied embeddings it collapses the text-token embeddings, see `restrict_sid_logits`);
+    restrict_text_targets: also score text targets over the non-SID tokens only (needs sid_token_range)."""
 
     backbone: str
     qformer: qformer.QFormerConfig
@@ -372,6 +383,8 @@ class OneSearchConfig:
     bart: bart.BartConfig | None = None
     qwen2: qwen2.Qwen2Config | None = None
     num_memory_vectors: int = 9
+    sid_token_range: tuple[int, int] | None = None
+    restrict_text_targets: bool = False
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -380,6 +393,12 @@ class OneSearchConfig:
             raise ValueError(f"backbone {self.backbone!r} needs its config (OneSearchConfig.{self.backbone})")
         if not 0 <= self.mem_token_id < self.vocab_size:
             raise ValueError(f"mem_token_id {self.mem_token_id} outside the vocabulary {self.vocab_size}")
+        if self.sid_token_range is not None:
+            lo, hi = self.sid_token_range
+            if not 0 <= lo < hi <= self.vocab_size:
+                raise ValueError(f"sid_token_range {self.sid_token_range} is not a range of [0, {self.vocab_size})")
+        if self.restrict_text_targets and self.sid_token_range is None:
+            raise ValueError("restrict_text_targets needs sid_token_range")
 
     @property
     def vocab_size(self) -> int:
@@ -396,6 +415,52 @@ class OneSearchConfig:
     @property
     def num_memory(self) -> int:
         return self.qformer.num_query_tokens
+
+
+def is_sid_token(tokens: Array, sid_range: tuple[int, int]) -> Array:
+    """`tokens [...]` int -> `[...]` bool: the token is a SID token (`first <= token < end`)."""
+    return (tokens >= sid_range[0]) & (tokens < sid_range[1])
+
+
+def mask_non_sid(logits: Array, sid_range: tuple[int, int]) -> Array:
+    """`logits [..., V]` with every non-SID token set to `NEG_LOGIT` (decoding: only SID tokens can be emitted)."""
+    keep = is_sid_token(jnp.arange(logits.shape[-1]), sid_range)
+    return jnp.where(keep, logits, jnp.asarray(NEG_LOGIT, logits.dtype))
+
+
+def restrict_sid_logits(
+    logits: Array, labels: Array, sid_range: tuple[int, int], text_targets_too: bool = False
+) -> Array:
+    """SID-restricted logits: at target positions whose label is a SID token, non-SID tokens get `NEG_LOGIT` (and,
+    with `text_targets_too`, at positions whose label is a non-pad text / special token, the SID tokens do).
+
+    logits `[b, t, V]` label-aligned (index j predicts `labels[:, j]`), labels `[b, t]`; other positions (text
+    targets of stages 1-2, padding) keep the full vocabulary. A log-softmax of the result is the log-softmax over
+    the SID tokens at SID positions, so every loss built on teacher-forced logits (SFT CE, distillation KL, DPO and
+    policy log-probs) uses it. Why: with tied input/output embeddings, a full-vocabulary softmax at SID positions
+    gives every text token the same "lower your logit" gradient each step; AdamW scales it to full-size steps and
+    the text-token embeddings collapse onto one direction, after which the encoder ignores the request (issue 21).
+    Masked entries get zero gradient. `text_targets_too` is the mirror image for the SID embeddings: text targets
+    of stages 1-2 then never push the SID tokens' logits down. Label 0 (pad) is never restricted. Returns
+    `[b, t, V]` in the dtype of `logits`.
+    """
+    sid_label = is_sid_token(labels, sid_range)[..., None]
+    sid_vocab = is_sid_token(jnp.arange(logits.shape[-1]), sid_range)
+    restrict = sid_label & ~sid_vocab
+    if text_targets_too:
+        restrict = restrict | ((~sid_label) & (labels != 0)[..., None] & sid_vocab)
+    return jnp.where(restrict, jnp.asarray(NEG_LOGIT, logits.dtype), logits)
+
+
+def sid_restricted_log_softmax(
+    logits: Array, labels: Array, sid_range: tuple[int, int] | None, text_targets_too: bool = False
+) -> Array:
+    """`[b, t, V]` float32 log-probs: over the SID tokens at SID-label positions, the full vocabulary elsewhere (over
+    the non-SID tokens at text-label positions with `text_targets_too`), everywhere the full vocabulary when
+    `sid_range` is None. logits `[b, t, V]`, labels `[b, t]`."""
+    if sid_range is not None:
+        logits = restrict_sid_logits(logits, labels, sid_range, text_targets_too)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def inject_memory(token_embeds: Array, input_ids: Array, memory_embeds: Array, mem_token_id: int) -> Array:
@@ -463,7 +528,8 @@ class OneSearchModel(nn.Module):
         deterministic: bool = True,
         prompt_delta: Array | None = None,
     ) -> Array:
-        """Teacher-forced logits `[b, t, vocab]` float32 for `labels [b, t]` (right-padded with pad_token_id).
+        """Teacher-forced logits `[b, t, vocab]` float32 for `labels [b, t]` (right-padded with pad_token_id);
+        SID-restricted at SID-label positions when `config.sid_token_range` is set (`restrict_sid_logits`).
 
         input_ids / input_mask: right-padded prompts `[b, n]`; memory `[b, 9, memory_dim]`; prompt_delta: optional
         `[b, n, d_model]` added to the prompt's input embeddings after the `[MEM]` injection (FGM, `distill.py`).
@@ -475,7 +541,7 @@ class OneSearchModel(nn.Module):
         if cfg.backbone == "bart":
             hidden = self.encode(input_ids, input_mask, memory, deterministic, prompt_delta)
             logits, _ = self.backbone.decode(decoder_inputs, hidden, input_mask, deterministic=deterministic)
-            return logits
+            return self._restrict(logits, labels)
         memory_embeds = self.memory_embeddings(memory, deterministic)
         tokens = jnp.concatenate([input_ids, decoder_inputs], axis=1)
         mask = jnp.concatenate([input_mask.astype(bool), jnp.ones(decoder_inputs.shape, bool)], axis=1)
@@ -484,7 +550,14 @@ class OneSearchModel(nn.Module):
             delta = jnp.pad(prompt_delta, ((0, 0), (0, decoder_inputs.shape[1]), (0, 0)))
         with nn.intercept_methods(_embed_interceptor(memory_embeds, cfg.mem_token_id, delta)):
             logits, _ = self.backbone(tokens, qwen2.positions_from_mask(mask), mask)
-        return logits[:, input_ids.shape[1] :]
+        return self._restrict(logits[:, input_ids.shape[1] :], labels)
+
+    def _restrict(self, logits: Array, labels: Array) -> Array:
+        """`restrict_sid_logits` when the config has a SID range, else `logits` unchanged."""
+        sid_range = self.config.sid_token_range
+        if sid_range is None:
+            return logits
+        return restrict_sid_logits(logits, labels, sid_range, self.config.restrict_text_targets)
 
 
 def _embed_interceptor(memory_embeds: Array, mem_token_id: int, delta: Array | None = None):
@@ -557,6 +630,7 @@ def generate(
         step_fn, carry = bart.make_step_fn(
             bart.Bart(config.bart), params["backbone"], hidden, input_mask.astype(bool), num_levels + 1
         )
+        step_fn = _sid_only_step(step_fn, config.sid_token_range)
         first_logits, carry = step_fn(carry, jnp.full((batch,), config.decoder_start_token_id, jnp.int32))
         return beam_search_lib.beam_search(
             step_fn,
@@ -575,8 +649,12 @@ def generate(
     def apply_fn(p, toks, positions, m, cache):
         if toks.shape[1] == prompt_len:  # the prefill: inject the memory at the [MEM] slots
             with nn.intercept_methods(_embed_interceptor(memory_embeds, config.mem_token_id)):
-                return lm.apply({"params": p}, toks, positions, m, cache)
-        return lm.apply({"params": p}, toks, positions, m, cache)
+                logits, cache = lm.apply({"params": p}, toks, positions, m, cache)
+        else:
+            logits, cache = lm.apply({"params": p}, toks, positions, m, cache)
+        if config.sid_token_range is not None:
+            logits = mask_non_sid(logits, config.sid_token_range)
+        return logits, cache
 
     return beam_search_lib.lm_beam_search(
         apply_fn,
@@ -589,6 +667,19 @@ def generate(
         num_levels=num_levels,
         dead_token=config.pad_token_id,
     )
+
+
+def _sid_only_step(step_fn: Callable, sid_range: tuple[int, int] | None) -> Callable:
+    """`step_fn(carry, tokens) -> (logits [rows, V], carry)` with non-SID logits masked (`mask_non_sid`); unchanged
+    when `sid_range` is None."""
+    if sid_range is None:
+        return step_fn
+
+    def masked(carry, tokens):
+        logits, carry = step_fn(carry, tokens)
+        return mask_non_sid(logits, sid_range), carry
+
+    return masked
 
 
 def sample_sids(
@@ -607,9 +698,10 @@ def sample_sids(
     """G = num_samples ancestral samples per prompt, constrained to valid item SIDs by `tree` (None: free):
     tokens [b, G, L] int32 and their behaviour log-probs [b, G, L] float32 (under the temperature-1 policy).
 
-    The log-probs are the full-vocabulary log-softmax of the unconstrained logits (what teacher forcing with
-    `OneSearchModel.__call__` gives), the samples are drawn from the tree-masked logits / `temperature` (a traced
-    scalar is fine). Rows b * G + j of the decoder are sample j of prompt b. Call inside jit.
+    The log-probs are the log-softmax of the unconstrained logits over the full vocabulary, or over the SID tokens
+    when `config.sid_token_range` is set (what teacher forcing with `OneSearchModel.__call__` gives), the samples
+    are drawn from the tree-masked logits / `temperature` (a traced scalar is fine). Rows b * G + j of the decoder
+    are sample j of prompt b. Call inside jit.
     """
     if num_samples < 1 or num_levels < 1:
         raise ValueError(f"num_samples {num_samples} and num_levels {num_levels} must be >= 1")
@@ -646,6 +738,8 @@ def sample_sids(
 
     def draw(logits, state, level, key):
         logits = logits.astype(jnp.float32)
+        if config.sid_token_range is not None:  # the teacher-forced log-probs are SID-restricted too
+            logits = mask_non_sid(logits, config.sid_token_range)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         if tree is not None:
             logits = pt.constrain_logits(logits, tree, state, level)

@@ -51,7 +51,7 @@ from jax_hd.data import catalog as catalog_lib
 from jax_hd.data.tokenizer import train_bpe_tokenizer
 from jax_hd.decoding import prefix_tree as pt
 from jax_hd.models import bart, qformer, qwen2
-from jax_hd.onesearch import alignment, distill, evaluate, semantic_ids
+from jax_hd.onesearch import alignment, diagnostics, distill, evaluate, semantic_ids
 from jax_hd.onesearch import keywords as keywords_lib
 from jax_hd.onesearch import model as model_lib
 
@@ -59,6 +59,10 @@ SFT_STAGES = ("stage1", "stage2", "stage3")
 ALIGN_STAGES = ("dpo", "rl")
 STAGES = SFT_STAGES + ALIGN_STAGES
 SFT_KEYS = ("input_ids", "input_mask", "memory", "labels", "label_mask")
+SID_SOFTMAX = ("sid", "split", "full")
+"""config.model.sid_softmax: "sid" scores SID targets by a softmax over the SID tokens (`model.restrict_sid_logits`),
+"split" also text targets over the non-SID tokens, "full" everything over the whole vocabulary (the pre-issue-21
+behaviour, which collapses the text-token embeddings)."""
 F = config_lib.Field
 SCHEMA = {
     "seed": F(int, low=0),
@@ -74,6 +78,7 @@ SCHEMA = {
     "data.max_long": F(int, positive=True),
     "data.sliding_window": F(bool),
     "data.max_examples": F(int, positive=True),
+    "data.stage3_replay": F(float, low=0.0),
     "sid.embedder": F(str, choices=("minilm", "hashed")),
     "sid.embed_dim": F(int, positive=True),
     "sid.rq_sizes": F((tuple, list)),
@@ -137,6 +142,8 @@ SCHEMA = {
     "table.dpo_steps": F(int, positive=True),
     "table.rl_steps": F(int, positive=True),
     "model.backbone": F(str, choices=model_lib.BACKBONES),
+    "model.sid_softmax": F(str, choices=SID_SOFTMAX),
+    "model.tie_embeddings": F(bool),
     "model.d_model": F(int, positive=True),
     "model.encoder_layers": F(int, positive=True),
     "model.decoder_layers": F(int, positive=True),
@@ -165,6 +172,7 @@ SCHEMA = {
     "eval.unconstrained_pairs": F(int, low=0),
     "eval.long_tail_max_count": F(int, low=0),
     "eval.leave_one_out_users": F(int, low=0),
+    "eval.every_stage": F(bool),
 }
 
 
@@ -471,6 +479,8 @@ def build_model_config(
         decoder_start_token_id=vocab.special("[DEC]"),
         pad_token_id=vocab.pad_id,
         num_memory_vectors=3 * len(config.sid.rq_sizes),
+        sid_token_range=None if m.sid_softmax == "full" else vocab.sid_range,
+        restrict_text_targets=m.sid_softmax == "split",
     )
     max_len = max(64, input_len + 2 * label_length(config, vocab.num_levels))
     if m.backbone == "bart":
@@ -479,13 +489,14 @@ def build_model_config(
             decoder_layers=m.decoder_layers, encoder_attention_heads=m.heads, decoder_attention_heads=m.heads,
             encoder_ffn_dim=m.ffn_dim, decoder_ffn_dim=m.ffn_dim, max_position_embeddings=max_len,
             pad_token_id=vocab.pad_id, bos_token_id=vocab.special("[BOS]"), eos_token_id=vocab.special("[EOS]"),
-            decoder_start_token_id=vocab.special("[DEC]"), dropout=m.dropout,
+            decoder_start_token_id=vocab.special("[DEC]"), dropout=m.dropout, tie_word_embeddings=m.tie_embeddings,
         )  # fmt: skip
         return model_lib.OneSearchConfig(bart=b, **common)
     q = qwen2.Qwen2Config(
         vocab_size=vocab.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
         num_hidden_layers=m.encoder_layers + m.decoder_layers, num_attention_heads=m.heads,
-        num_key_value_heads=m.heads, rope_theta=10000.0, max_position_embeddings=max_len, tie_word_embeddings=True,
+        num_key_value_heads=m.heads, rope_theta=10000.0, max_position_embeddings=max_len,
+        tie_word_embeddings=m.tie_embeddings,
     )  # fmt: skip
     return model_lib.OneSearchConfig(qwen2=q, **common)
 
@@ -863,6 +874,16 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         cot_ex = pack([p for p, _ in s1_cot], [], [y for _, y in s1_cot], [-1] * num_cot, [""] * num_cot)
         stages["stage1"] = concat_examples(stages["stage1"], cot_ex)
 
+    # 3e. Stage-3 replay (own rng): personalised stage-3 rows mixed into stages 1 and 2 (`data.stage3_replay` x the
+    # stage's size), so the encoder keeps reading the personalised prompt (issue 21: trained on task prompts only,
+    # stages 1-2 leave a generator whose first SID token does not depend on the request, and stage 3 stays there).
+    if d.stage3_replay > 0:
+        replay_rng = np.random.default_rng([config.seed, 0x5E3])
+        for stage in ("stage1", "stage2"):
+            n = min(int(round(d.stage3_replay * len(stages[stage]))), len(stages["stage3"]))
+            rows = np.sort(replay_rng.choice(len(stages["stage3"]), size=n, replace=False))
+            stages[stage] = concat_examples(stages[stage], stages["stage3"].select(rows))
+
     # 4. Evaluation pairs (test split), slices and the popularity baseline.
     test_rows = np.flatnonzero(log.splits == "test")
     eval_sets, eval_slices, popularity = {}, {}, {}
@@ -1207,6 +1228,8 @@ def evaluate_stage(setup: Setup, params: Any, mesh: Mesh, rules: sharding.Rules)
                 "top1_valid_id_rate": evaluate.valid_id_rate(codes[:, :1], setup.collisions),
                 "num_pairs": len(ex),
             }
+        results["teacher_forced"] = teacher_forced_report(setup, params)
+        results["relapse"] = {k: round(float(v), 6) for k, v in relapse_fn(setup)(params).items()}
         if setup.loo is not None and len(setup.loo["targets"]):
             n = len(setup.loo["targets"])
             ex = Examples(
@@ -1217,6 +1240,86 @@ def evaluate_stage(setup: Setup, params: Any, mesh: Mesh, rules: sharding.Rules)
             rankings = evaluate.items_from_sids(codes, setup.collisions, e.top_k)
             results["leave_one_out"] = evaluate.ranking_metrics(rankings, ex.targets, (5, e.top_k))
     return results
+
+
+TEACHER_FORCED_ROWS = 512
+"""Rows of stage-3 train examples and of each test set scored by `teacher_forced_report`."""
+
+
+def make_level_accuracy_fn(setup: Setup):
+    """Jitted `(params, batch) -> [L] int32`: per SID level, how many rows' argmax (teacher-forced, the prefix given)
+    equals the label; batch as `make_batch` (labels' first L tokens are the SID)."""
+    key = ("level_accuracy",)
+    if key not in setup.cache:
+        model = model_lib.OneSearchModel(setup.model_config)
+        levels = setup.vocab.num_levels
+
+        @jax.jit
+        def run(params, batch):
+            logits = model.apply(
+                {"params": params}, batch["input_ids"], batch["input_mask"], batch["memory"], batch["labels"]
+            )
+            hit = jnp.argmax(logits[:, :levels], -1) == batch["labels"][:, :levels]
+            return jnp.sum(hit & batch["label_mask"][:, :levels], axis=0)
+
+        setup.cache[key] = run
+    return setup.cache[key]
+
+
+def teacher_forced_report(setup: Setup, params: Any) -> dict[str, Any]:
+    """Teacher-forced accuracy per SID level (level l given the true levels < l) on up to `TEACHER_FORCED_ROWS`
+    stage-3 train rows ('train') and test click / order pairs, next to the share of the most common code per level
+    among the train rows' targets ('majority_share', what a request-blind model gets at level 1)."""
+    fn = make_level_accuracy_fn(setup)
+    b = setup.config.eval.batch_size
+    levels = setup.vocab.num_levels
+    train = setup.stages["stage3"]
+    sets = {"train": train.select(np.arange(min(TEACHER_FORCED_ROWS, len(train))))}
+    for which, ex in setup.eval_sets.items():
+        sets[which] = ex.select(np.arange(min(TEACHER_FORCED_ROWS, len(ex))))
+    out: dict[str, Any] = {}
+    for name, ex in sets.items():
+        if not len(ex):
+            continue
+        hits = np.zeros(levels, np.int64)
+        for start in range(0, len(ex), b):
+            rows = np.arange(start, min(start + b, len(ex)))
+            padded = np.concatenate([rows, np.full(b - len(rows), rows[-1])])
+            batch = make_batch(ex, padded, setup.tables, setup.entity_rows)
+            batch["label_mask"][len(rows) :] = False
+            hits += np.asarray(fn(params, batch))
+        out[name] = [round(float(h) / len(ex), 4) for h in hits]
+    codes = setup.item_codes[sets["train"].targets[sets["train"].targets >= 0]]
+    out["majority_share"] = [
+        round(float(np.bincount(codes[:, lv]).max() / max(len(codes), 1)), 4) for lv in range(levels)
+    ]
+    return out
+
+
+RELAPSE_ROWS = 64
+"""Test click requests whose first-token logits `relapse_fn` compares."""
+
+
+def relapse_fn(setup: Setup):
+    """`params -> relapse metrics` (`diagnostics.relapse_metrics`) on a fixed probe batch: the first
+    `RELAPSE_ROWS` test click requests (else stage-3 rows); text tokens are the BPE ids except pad."""
+    key = ("relapse",)
+    if key not in setup.cache:
+        ex = setup.eval_sets.get("click")
+        if ex is None or not len(ex):
+            ex = setup.stages["stage3"]
+        rows = np.arange(min(RELAPSE_ROWS, len(ex)))
+        b = make_batch(ex, rows, setup.tables, setup.entity_rows)
+        probe = {k: b[k] for k in ("input_ids", "input_mask", "memory")}
+        vocab = setup.vocab
+        first = vocab.sid_token_offsets[0]
+        metrics_fn = functools.partial(
+            diagnostics.relapse_metrics, setup.model_config, text_rows=(1, vocab.text_vocab_size),
+            first_level=(first, first + vocab.level_sizes[0]),
+        )  # fmt: skip
+        fn = jax.jit(metrics_fn)
+        setup.cache[key] = lambda params: fn(params, probe)
+    return setup.cache[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1477,7 +1580,7 @@ def run_stage(
             batch = sharding.shard_batch(batch, mesh) if stage in SFT_STAGES else np.asarray(batch)
             state, step_metrics = update(state, batch, lr)
             if step % t.log_every == 0 or step == last:
-                writer.write(step, dict(step_metrics))
+                writer.write(step, {**step_metrics, **relapse_fn(setup)(state.params)})
             preempted = ckpt.should_stop(step)
             ckpt.save(step, state, it, config, force=preempted or step == last)
             if preempted:
@@ -1544,11 +1647,11 @@ def train(
     write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     write_json(os.path.join(workdir, "data_info.json"), setup.info)
     all_results = {"data": setup.info, "popularity": popularity_results(setup)}
-    all_results.update(run_stages(config, workdir, setup, mesh))
+    all_results.update(run_stages(config, workdir, setup, mesh, evaluate_all=config.eval.every_stage))
     write_json(os.path.join(workdir, "results.json"), all_results)
     if jax.process_index() == 0:
         rows = [("popularity baseline", all_results["popularity"])]
-        rows += [(f"after {s}", all_results[s]) for s in active_stages(config)]
+        rows += [(f"after {s}", all_results[s]) for s in active_stages(config) if all_results[s]]
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(results_table(rows, config.eval.top_k))
     return all_results

@@ -100,7 +100,8 @@ def test_prefix_rewards_and_tpma_hand_example():
     np.testing.assert_allclose(weighted, [[2, 4, 6, 7, 8], [2, 4, 4, 5, 5], [0, 2, 4, 5, 5]])
     np.testing.assert_allclose(unweighted, [[1, 2, 3, 4, 5], [1, 2, 2, 3, 3], [0, 1, 2, 3, 3]])
 
-    cfg = A.TPMAConfig(num_samples=3)
+    fig = (2.0, 2.0, 2.0, 1.0, 1.0)  # the method figure's weights (the default is the code's (2, 2, 1, 1, 0))
+    cfg = A.TPMAConfig(num_samples=3, position_weights=fig)
     adv, gate = A.tpma_advantages(ROLLOUTS, TRUTHS, TRUTH_MASK, jnp.zeros(3), cfg)
     # Marginals (2,2,2,1,1), (2,2,0,1,0), (0,2,2,1,0), normalised per position across the 3 rollouts.
     a, b = (2 / 3) / S, (-4 / 3) / S
@@ -121,12 +122,12 @@ def test_prefix_rewards_and_tpma_hand_example():
 
     # + w_item x group-normalised item reward; the literal weights (2, 2, 1, 1, 0) change the marginals.
     rewards = jnp.array([7.0, 4.0, 0.0])
-    adv_item, _ = A.tpma_advantages(
-        ROLLOUTS, TRUTHS, TRUTH_MASK, rewards, A.TPMAConfig(num_samples=3, item_advantage_weight=0.5)
-    )
+    item_cfg = A.TPMAConfig(num_samples=3, position_weights=fig, item_advantage_weight=0.5)
+    adv_item, _ = A.tpma_advantages(ROLLOUTS, TRUTHS, TRUTH_MASK, rewards, item_cfg)
     z = (np.array([7.0, 4.0, 0.0]) - 11 / 3) / np.std([7.0, 4.0, 0.0], ddof=1)
     np.testing.assert_allclose(adv_item, np.asarray(expected) + 0.5 * z[:, None], rtol=1e-5, atol=1e-6)
-    lit = A.TPMAConfig(num_samples=3, position_weights=(2.0, 2.0, 1.0, 1.0, 0.0))
+    lit = A.TPMAConfig(num_samples=3)  # the default: the authors' tpma.py weights (2, 2, 1, 1, 0)
+    assert lit.position_weights == (2.0, 2.0, 1.0, 1.0, 0.0)
     adv_lit, _ = A.tpma_advantages(ROLLOUTS, TRUTHS, TRUTH_MASK, rewards, lit)
     assert np.abs(np.asarray(adv_lit)[:, 4]).max() == 0  # weight 0 at the last position: no marginal there
 

@@ -251,3 +251,96 @@ def test_config_errors():
         M.OneSearchModel(cfg).apply(
             {"params": _params("bart")}, jnp.zeros((1, 4, 16)), method=M.OneSearchModel.memory_embeddings
         )
+
+
+def test_sid_restricted_log_softmax_hand_example():
+    sid_range = (3, 6)  # tokens 3, 4, 5 are SID tokens of a 7-token vocabulary
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 7)), jnp.float32)
+    labels = jnp.array([[4, 1, 0], [5, 3, 2]])  # SID, text, pad / SID, SID, text
+    lp = np.asarray(M.sid_restricted_log_softmax(logits, labels, sid_range))
+    full = np.asarray(jax.nn.log_softmax(logits, -1))
+    sid = np.asarray(logits)[..., 3:6] - np.log(np.exp(np.asarray(logits)[..., 3:6]).sum(-1, keepdims=True))
+    for b, t in ((0, 0), (1, 0), (1, 1)):  # SID labels: a softmax over the SID tokens, nothing on the others
+        np.testing.assert_allclose(lp[b, t, 3:6], sid[b, t], rtol=1e-5, atol=1e-6)
+        assert np.exp(lp[b, t, [0, 1, 2, 6]]).max() == 0
+    for b, t in ((0, 1), (0, 2), (1, 2)):  # text / pad labels: the full vocabulary
+        np.testing.assert_allclose(lp[b, t], full[b, t], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(M.sid_restricted_log_softmax(logits, labels, None), full, rtol=1e-6)
+    # text_targets_too: text labels are scored over the non-SID tokens; pad positions keep the full vocabulary.
+    split = np.asarray(M.sid_restricted_log_softmax(logits, labels, sid_range, text_targets_too=True))
+    np.testing.assert_allclose(split[:, 0], lp[:, 0], rtol=1e-6)
+    text = np.asarray(logits)[..., [0, 1, 2, 6]]
+    text_lp = text - np.log(np.exp(text).sum(-1, keepdims=True))
+    for b, t in ((0, 1), (1, 2)):
+        np.testing.assert_allclose(split[b, t, [0, 1, 2, 6]], text_lp[b, t], rtol=1e-5, atol=1e-6)
+        assert np.exp(split[b, t, 3:6]).max() == 0
+    np.testing.assert_allclose(split[0, 2], full[0, 2], rtol=1e-5, atol=1e-6)
+
+    # No gradient reaches a non-SID logit from a SID target (what collapsed the tied text embeddings).
+    def nll(z):
+        lp = M.sid_restricted_log_softmax(z, labels, sid_range)
+        return -jnp.take_along_axis(lp, labels[..., None], -1).sum()
+
+    g = np.asarray(jax.grad(nll)(logits))
+    assert np.abs(g[0, 0, [0, 1, 2, 6]]).max() == 0 and np.abs(g[1, :2][:, [0, 1, 2, 6]]).max() == 0
+    assert np.abs(g[0, 1, [0, 2, 6]]).min() > 0  # a text target still pushes down every other token
+    masked = np.asarray(M.mask_non_sid(logits, sid_range))
+    np.testing.assert_array_equal(masked[..., 3:6], np.asarray(logits)[..., 3:6])
+    assert (masked[..., [0, 1, 2, 6]] == M.NEG_LOGIT).all()
+    assert VOCAB.sid_range == (VOCAB.sid_offset, VOCAB.sid_offset + sum(LEVELS))
+
+
+@pytest.mark.parametrize("backbone", M.BACKBONES)
+def test_sid_softmax_in_forward_and_unconstrained_decoding(backbone):
+    cfg = dataclasses.replace(_config(backbone), sid_token_range=VOCAB.sid_range)
+    params = _params(backbone)
+    x, m, memory = _batch()
+    labels = VOCAB.sid_tokens(CODES[:2])
+    logits = M.OneSearchModel(cfg).apply({"params": params}, x, m, memory, labels)
+    full = M.OneSearchModel(_config(backbone)).apply({"params": params}, x, m, memory, labels)
+    np.testing.assert_allclose(
+        jax.nn.log_softmax(logits, -1), M.sid_restricted_log_softmax(full, labels, VOCAB.sid_range), atol=1e-5
+    )
+    # Unconstrained beams hold SID tokens only, and their scores are the SID-restricted log-probs.
+    out = jax.jit(lambda p: M.generate(cfg, p, x, m, memory, num_beams=4, tree=None, num_levels=5))(params)
+    seqs = np.asarray(out.sequences)
+    lo, hi = VOCAB.sid_range
+    assert ((seqs >= lo) & (seqs < hi)).all()
+    best = seqs[:, 0]
+    lp = np.asarray(jax.nn.log_softmax(M.OneSearchModel(cfg).apply({"params": params}, x, m, memory, best), -1))
+    score = np.take_along_axis(lp, best[..., None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(score, np.asarray(out.scores)[:, 0], rtol=1e-4, atol=1e-4)
+    # Sampled rollouts' behaviour log-probs equal the teacher-forced ones (ratio 1 on the first policy update).
+    tokens, logp = jax.jit(
+        lambda p: M.sample_sids(cfg, p, x, m, memory, jax.random.PRNGKey(0), num_samples=2, tree=None, num_levels=5)
+    )(params)
+    rows = np.asarray(tokens).reshape(4, 5)
+    assert ((rows >= lo) & (rows < hi)).all()
+    rep = functools.partial(np.repeat, repeats=2, axis=0)
+    tf = jax.nn.log_softmax(M.OneSearchModel(cfg).apply({"params": params}, rep(x), rep(m), rep(memory), rows), -1)
+    tf = np.take_along_axis(np.asarray(tf), rows[..., None], -1)[..., 0]
+    np.testing.assert_allclose(tf, np.asarray(logp).reshape(4, 5), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="sid_token_range"):
+        dataclasses.replace(_config(backbone), sid_token_range=(5, VOCAB.vocab_size + 1))
+
+
+def test_untied_output_layer():
+    base = _config("bart")
+    cfg = dataclasses.replace(base, bart=dataclasses.replace(base.bart, tie_word_embeddings=False))
+    params = nn.unbox(M.init_params(cfg, jax.random.PRNGKey(0)))
+    assert params["backbone"]["lm_head"].shape == params["backbone"]["shared"]["embedding"].shape
+    x, m, memory = _batch()
+    labels = VOCAB.sid_tokens(CODES[:2])
+
+    def loss(p):
+        out = M.OneSearchModel(cfg).apply({"params": p}, x, m, memory, labels)
+        return M.sequence_loss(out, labels, np.ones_like(labels, bool))[0]
+
+    g = jax.grad(loss)(params)["backbone"]
+    # The output softmax trains lm_head; the input table only gets gradient at the tokens that are read.
+    read = np.concatenate([x.reshape(-1), labels.reshape(-1), [VOCAB.special("[DEC]")]])
+    unread = np.setdiff1d(np.arange(VOCAB.vocab_size), read)
+    assert np.abs(np.asarray(g["lm_head"])[unread]).max() > 0
+    assert np.abs(np.asarray(g["shared"]["embedding"])[unread]).max() == 0
+    with pytest.raises(ValueError, match="untied"):
+        cfg.bart.to_hf_dict()

@@ -68,8 +68,16 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             skip_missing=False,
         )
     )
-    # The frozen image encoder whose features are cached once. kind "tiny": a randomly initialised ViT built from
-    # the fields below (seeded by `seed`); "blip2": EVA ViT-g/14 from `blip2_dir` (HF Blip2ForImageTextRetrieval).
+    # The frozen image encoder whose features are cached once. kind "tiny": a ViT built from the fields below
+    # (seeded by `seed`), random or pre-trained as `pretrain` says; "blip2": EVA ViT-g/14 from `blip2_dir` (HF
+    # Blip2ForImageTextRetrieval), pretrained and frozen as the paper has it.
+    # pretrain (PROPOSAL, tiny ViT on css only; `jax_hd/csmcir/vision_pretrain.py`): objective "none" keeps the
+    #   random init; "scene_attributes" first trains the ViT to classify every grid cell of the *train* split's
+    #   renders (empty, or shape x colour x size, read off the scene graphs) from its averaged patch tokens with a
+    #   linear head, then freezes it and caches its features as usual (params in <workdir>/vision_pretrained.npz,
+    #   reused on resume; accuracies on `eval_images` images of eval.select_split in vision_pretrain.json).
+    #   steps x batch_size renders (AdamW b2 0.98, linear warm-up then cosine decay); max_images > 0 caps the
+    #   train images rendered (a random subset), <= 0 renders them all.
     c.vision = ml_collections.ConfigDict(
         dict(
             kind="tiny",
@@ -82,6 +90,18 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             pixel_mean=(0.48145466, 0.4578275, 0.40821073),
             pixel_std=(0.26862954, 0.26130258, 0.27577711),
             encode_batch_size=256,
+            pretrain=ml_collections.ConfigDict(
+                dict(
+                    objective="none",
+                    steps=0,
+                    batch_size=128,
+                    lr=1e-3,
+                    weight_decay=0.01,
+                    warmup_steps=100,
+                    max_images=-1,
+                    eval_images=1024,
+                )
+            ),
         )
     )
     # The Q-Former (qformer "tiny": the fields below; "blip2": BERT-base, 32 queries, loaded from vision.blip2_dir)

@@ -142,6 +142,7 @@ SCHEMA = {
     "bank.warmup_steps": F(int, low=0),
     "bank.mask_false_negatives": F(bool),
     "bank.dtype": F(str, choices=tuple(bank_lib.BANK_DTYPES)),
+    "bank.enqueue_eval_mode": F(bool),
     "loss.aux_rtc": F(float, low=0.0),
     "loss.aux_align": F(float, low=0.0),
     "loss.symmetric_weight": F(float, low=0.0),
@@ -626,6 +627,18 @@ def loss_fn(
     return loss, (aux, out["targets"])
 
 
+def eval_mode_targets(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Target embeddings `[batch, K, D]` of the batch's targets without dropout (`bank.enqueue_eval_mode`)."""
+    return model.apply(
+        {"params": params},
+        batch["tgt_features"],
+        batch["caption_ids"],
+        batch["caption_mask"],
+        deterministic=True,
+        method="encode_target",
+    )
+
+
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
     ndims = {"ref_features": 3, "tgt_features": 3, "target_index": 1}
     return {k: sharding.batch_sharding(mesh, ndims.get(k, 2)) for k in BATCH_KEYS}
@@ -657,6 +670,8 @@ def make_train_step(
         finite = train_state.all_finite(loss, grads)
         new_state = train_state.guarded_update(state, grads, tx, finite)
         if bank is not None:
+            if use_dropout and bank_config.enqueue_eval_mode:
+                targets = eval_mode_targets(model, state.params, batch)
             enqueued = bank_lib.enqueue(bank, jax.lax.stop_gradient(targets), batch["target_index"], state.step)
             kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), enqueued, bank)
             new_state = new_state.replace(extra={**new_state.extra, "bank": kept})

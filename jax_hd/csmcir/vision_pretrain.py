@@ -152,7 +152,7 @@ def pretrain(
       lr, weight_decay, warmup_steps: AdamW, linear warm-up then cosine decay to 0.
       eval_images, eval_labels: held-out renders (e.g. the val split's) for the reported accuracy.
     Returns:
-      The trained ViT params and `{"loss", "train_cell_accuracy"}` (mean of the last 50 steps) plus
+      The trained ViT params and `{"loss", "train_cell_accuracy"}` (mean of the last 50 steps; absent for 0 steps) plus
       `eval_cell_accuracy` and `eval_scene_accuracy` (every cell right) when eval data is given.
     """
     if len(train_images) < batch_size:
@@ -175,8 +175,10 @@ def pretrain(
         images = _normalise(train_images[rows], mean, std)
         trainable, opt_state, loss, accuracy = step_fn(trainable, opt_state, images, train_labels[rows])
         history.append((loss, accuracy))
-    last = np.asarray(jax.device_get(history[-50:]), np.float64) if history else np.zeros((1, 2))
-    metrics = {"loss": float(last[:, 0].mean()), "train_cell_accuracy": float(last[:, 1].mean())}
+    metrics = {}
+    if history:
+        last = np.asarray(jax.device_get(history[-50:]), np.float64)
+        metrics.update(loss=float(last[:, 0].mean()), train_cell_accuracy=float(last[:, 1].mean()))
     if eval_images is not None and eval_labels is not None:
         metrics.update(evaluate(module, trainable, pool, _normalise(eval_images, mean, std), eval_labels))
     return jax.device_get(trainable[0]), metrics

@@ -40,27 +40,26 @@ def test_cell_pooling_averages_the_patches_centred_in_each_cell():
         vp.cell_pooling(32, 16)  # 2x2 patches cannot cover a 3x3 grid
 
 
+@pytest.mark.slow  # ~70-95 s on one shared CPU core (compiles, then 120 steps)
 def test_a_short_pretraining_learns_held_out_scene_attributes():
-    splits = cir.embedded_css(0, image_size=32, num_train=300, num_val=60, num_test=1)
+    # 24 px renders with 8 px patches: one patch per grid cell, so a few dozen steps learn the attributes.
+    splits = cir.embedded_css(0, image_size=24, num_train=300, num_val=60, num_test=1)
     train, val = splits["train"], splits["val"]
-    images, labels = vp.render_images(train, train.gallery_ids, 32)
-    eval_images, eval_labels = vp.render_images(val, val.gallery_ids, 32)
+    images, labels = vp.render_images(train, train.gallery_ids, 24)
+    eval_images, eval_labels = vp.render_images(val, val.gallery_ids, 24)
     config = vit.ViTConfig.tiny(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=24, patch_size=8
     )
     params = nn.unbox(vit.init_params(config, jax.random.PRNGKey(0)))
-    kwargs = dict(
-        batch_size=64, lr=3e-3, weight_decay=0.0, warmup_steps=10, seed=0, pixel_mean=(0.5,) * 3,
-        pixel_std=(0.25,) * 3, eval_images=eval_images, eval_labels=eval_labels,
+    trained_params, trained = vp.pretrain(
+        config, params, images, labels, steps=120, batch_size=64, lr=1e-2, weight_decay=0.0, warmup_steps=10, seed=0,
+        pixel_mean=(0.5,) * 3, pixel_std=(0.25,) * 3, eval_images=eval_images, eval_labels=eval_labels,
     )  # fmt: skip
-    _, untrained = vp.pretrain(config, params, images, labels, steps=0, **kwargs)
-    trained_params, trained = vp.pretrain(config, params, images, labels, steps=150, **kwargs)
-    empty = float((eval_labels == 0).mean())  # always answering "empty" scores this
-    assert untrained["eval_cell_accuracy"] < empty + 0.05
+    empty = float((eval_labels == 0).mean())  # always answering "empty" scores this (~0.62)
     assert trained["eval_cell_accuracy"] > empty + 0.1, (trained, empty)
-    assert trained["loss"] < 2.0 and np.isfinite(trained["loss"])
+    assert trained["loss"] < 1.5, trained  # log(NUM_CELL_CLASSES) = 4.4 at chance
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), trained_params, params)
-    assert max(jax.tree.leaves(moved)) > 0 and jax.tree.structure(trained_params) == jax.tree.structure(params)
+    assert min(jax.tree.leaves(moved)) > 0 and jax.tree.structure(trained_params) == jax.tree.structure(params)
 
 
 def _pretrain_config():
@@ -69,6 +68,7 @@ def _pretrain_config():
     return config
 
 
+@pytest.mark.slow  # ~90 s on one shared CPU core (four ViT compiles)
 def test_the_trainer_pretrains_once_then_reuses_the_cached_encoder(tmp_path):
     config = _pretrain_config()
     trainer.check_config(config)

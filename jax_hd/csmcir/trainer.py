@@ -32,10 +32,10 @@ loss.aux_align * align` from `losses.sprc_losses` when those weights are positiv
 `model.symmetric=False, query_passes=2, use_prompt_tokens=True`, weights 1/1 on FashionIQ, 0.4/0.4 on CIRR,
 no bank). Full CSMCIR: symmetric towers, bank on, auxiliary weights 0 (spec 7 PROPOSAL).
 
-PROPOSAL (embedded default): no pretrained vision weights exist offline, so `vision.kind="tiny"` is a randomly
-initialised ViT (seeded by `seed`; 8-px patches of the 64-px renders, one encoder layer) kept frozen and cached like
-EVA ViT-g. Its features keep the renders' colour/shape/position content (per-image feature std ~0.35 across
-images), and the Q-Former learns retrieval on top of them (measured with cpu_demo on the CSS test split). A
+PROPOSAL (embedded default): no pretrained vision weights exist offline, so `vision.kind="tiny"` is a seeded tiny ViT
+(8-px patches of the 64-px renders, one encoder layer) kept frozen and cached like EVA ViT-g. Random, it leaves the
+composed model below the image-only pixel baseline; `vision.pretrain.objective="scene_attributes"` (cpu_demo,
+cpu_test) first trains it on the train split's scene attributes (`vision_pretrain`), then freezes it. A
 from-scratch Q-Former starts collapsed (all query embeddings nearly equal, row std ~1e-3), so the
 embedded presets use a high peak learning rate; the BLIP-2 presets start from pretrained weights and SPRC's rates.
 """

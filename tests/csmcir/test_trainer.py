@@ -290,6 +290,7 @@ def test_kill_9_mid_run_then_resume_gives_the_same_params_and_bank(runs):
     assert os.path.exists(runs["killed"] / "results.json")
 
 
+@pytest.mark.slow  # one train-step compile: 200 s on a shared, overloaded CPU core
 def test_bank_enqueues_eval_mode_targets_when_asked():
     """With dropout, `bank.enqueue_eval_mode` enqueues the targets encoded without dropout by the pre-update params
     (which differ from the training pass's dropped-out targets)."""

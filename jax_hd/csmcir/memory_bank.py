@@ -54,6 +54,9 @@ class BankConfig:
     mask_false_negatives: mask bank entries whose target id equals the query's target id (FashionIQ and
       CIRR reuse targets across triplets).
     dtype: storage dtype of the embeddings, "float32" | "bfloat16"; logits are always computed in float32.
+    enqueue_eval_mode: enqueue target embeddings recomputed in eval mode (no dropout, the step's pre-update params:
+      what the gallery looks like at test time) instead of the training pass's dropped-out ones; one extra
+      gradient-free target-tower forward per step, and only when the model has dropout (else they are equal).
     """
 
     size: int = 4096
@@ -65,6 +68,7 @@ class BankConfig:
     warmup_steps: int = 0
     mask_false_negatives: bool = True
     dtype: str = "float32"
+    enqueue_eval_mode: bool = False
 
     def __post_init__(self):
         def fail(name: str, expected: str) -> None:
@@ -87,8 +91,9 @@ class BankConfig:
             fail("topk", ">= 1")
         if self.warmup_steps < 0:
             fail("warmup_steps", ">= 0")
-        if not isinstance(self.mask_false_negatives, bool):
-            fail("mask_false_negatives", "a bool")
+        for name in ("mask_false_negatives", "enqueue_eval_mode"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "a bool")
         if self.dtype not in BANK_DTYPES:
             fail("dtype", f"one of {list(BANK_DTYPES)}")
 

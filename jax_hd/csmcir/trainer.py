@@ -32,10 +32,10 @@ loss.aux_align * align` from `losses.sprc_losses` when those weights are positiv
 `model.symmetric=False, query_passes=2, use_prompt_tokens=True`, weights 1/1 on FashionIQ, 0.4/0.4 on CIRR,
 no bank). Full CSMCIR: symmetric towers, bank on, auxiliary weights 0 (spec 7 PROPOSAL).
 
-PROPOSAL (embedded default): no pretrained vision weights exist offline, so `vision.kind="tiny"` is a randomly
-initialised ViT (seeded by `seed`; 8-px patches of the 64-px renders, one encoder layer) kept frozen and cached like
-EVA ViT-g. Its features keep the renders' colour/shape/position content (per-image feature std ~0.35 across
-images), and the Q-Former learns retrieval on top of them (measured with cpu_demo on the CSS test split). A
+PROPOSAL (embedded default): no pretrained vision weights exist offline, so `vision.kind="tiny"` is a seeded tiny ViT
+(8-px patches of the 64-px renders, one encoder layer) kept frozen and cached like EVA ViT-g. Random, it leaves the
+composed model below the image-only pixel baseline; `vision.pretrain.objective="scene_attributes"` (cpu_demo,
+cpu_test) first trains it on the train split's scene attributes (`vision_pretrain`), then freezes it. A
 from-scratch Q-Former starts collapsed (all query embeddings nearly equal, row std ~1e-3), so the
 embedded presets use a high peak learning rate; the BLIP-2 presets start from pretrained weights and SPRC's rates.
 """
@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -63,7 +65,7 @@ from jax_hd.core import checkpoint, metrics, sharding, train_state
 from jax_hd.core import config as config_lib
 from jax_hd.core.metrics import read_json, write_json
 from jax_hd.csmcir import captions as captions_lib
-from jax_hd.csmcir import evaluate, losses
+from jax_hd.csmcir import evaluate, losses, vision_pretrain
 from jax_hd.csmcir import memory_bank as bank_lib
 from jax_hd.csmcir import model as model_lib
 from jax_hd.data import cir
@@ -105,6 +107,14 @@ SCHEMA = {
     "vision.num_heads": F(int, positive=True),
     "vision.patch_size": F(int, positive=True),
     "vision.encode_batch_size": F(int, positive=True),
+    "vision.pretrain.objective": F(str, choices=("none", "scene_attributes")),
+    "vision.pretrain.steps": F(int, low=0),
+    "vision.pretrain.batch_size": F(int, positive=True),
+    "vision.pretrain.lr": F(float, positive=True),
+    "vision.pretrain.weight_decay": F(float, low=0.0),
+    "vision.pretrain.warmup_steps": F(int, low=0),
+    "vision.pretrain.max_images": F(int),
+    "vision.pretrain.eval_images": F(int, positive=True),
     "model.qformer": F(str, choices=("tiny", "blip2")),
     "model.hidden_size": F(int, positive=True),
     "model.num_layers": F(int, positive=True),
@@ -132,6 +142,7 @@ SCHEMA = {
     "bank.warmup_steps": F(int, low=0),
     "bank.mask_false_negatives": F(bool),
     "bank.dtype": F(str, choices=tuple(bank_lib.BANK_DTYPES)),
+    "bank.enqueue_eval_mode": F(bool),
     "loss.aux_rtc": F(float, low=0.0),
     "loss.aux_align": F(float, low=0.0),
     "loss.symmetric_weight": F(float, low=0.0),
@@ -184,6 +195,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             problems.append(f"data.caption_field: {e} (or 'none': no captions)")
     if config.vision.kind == "blip2" and not config.vision.blip2_dir:
         problems.append("vision.kind = 'blip2' needs vision.blip2_dir (a local HF Blip2ForImageTextRetrieval dir)")
+    if config.vision.pretrain.objective != "none" and (config.vision.kind != "tiny" or d.dataset != "css"):
+        problems.append(
+            f"vision.pretrain.objective = {config.vision.pretrain.objective!r} pre-trains the tiny ViT on the "
+            "embedded scenes' graphs: it needs vision.kind = 'tiny' and data.dataset = 'css' (the BLIP-2 ViT is "
+            "pretrained and stays frozen)"
+        )
     if m.qformer == "blip2" and config.vision.kind != "blip2":
         problems.append("model.qformer = 'blip2' needs vision.kind = 'blip2' (its cross-attention expects ViT-g)")
     if m.tau_clamp is not None and (len(m.tau_clamp) != 2 or not 0 < m.tau_clamp[0] < m.tau_clamp[1]):
@@ -310,8 +327,9 @@ class Vision:
     encode: Callable[[np.ndarray], np.ndarray]  # images [n, S, S, 3] in [0, 1] -> features [n, T, width]
 
 
-def build_vision(config: ml_collections.ConfigDict) -> Vision:
-    """The frozen ViT: BLIP-2's EVA ViT-g from `vision.blip2_dir`, or a seeded random tiny ViT (PROPOSAL)."""
+def build_vision(config: ml_collections.ConfigDict, workdir: str = "") -> Vision:
+    """The frozen ViT: BLIP-2's EVA ViT-g from `vision.blip2_dir`, or a seeded tiny ViT (PROPOSAL), random or
+    pre-trained on the train split's scene attributes (`vision.pretrain`, see `pretrained_tiny_vit`)."""
     v = config.vision
     if v.kind == "blip2":
         from jax_hd.models import hf_import
@@ -332,6 +350,8 @@ def build_vision(config: ml_collections.ConfigDict) -> Vision:
             patch_size=v.patch_size,
         )
         params = nn.unbox(vit.init_params(vit_config, jax.random.PRNGKey(config.seed + 7)))
+        if v.pretrain.objective != "none":
+            params = pretrained_tiny_vit(config, vit_config, params, workdir)
     vit_config = dataclasses.replace(vit_config, frozen=True)
     module = vit.VisionTransformer(vit_config)
     mean = np.asarray(v.pixel_mean, np.float32)
@@ -342,6 +362,63 @@ def build_vision(config: ml_collections.ConfigDict) -> Vision:
         return np.asarray(features(params, jnp.asarray(images, jnp.float32)))
 
     return Vision(vit_config, params, encode)
+
+
+def pretrained_tiny_vit(
+    config: ml_collections.ConfigDict, vit_config: vit.ViTConfig, params: Any, workdir: str
+) -> Any:
+    """The tiny ViT after `vision_pretrain.pretrain` on the train split's renders (the val split's for the reported
+    accuracy), computed once: params in `<workdir>/vision_pretrained.npz`, metrics in `vision_pretrain.json`."""
+    p = config.vision.pretrain
+    path = os.path.join(workdir, "vision_pretrained.npz") if workdir else ""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if path and os.path.exists(path):
+        with np.load(path) as stored:
+            if set(stored.files) == set(flat) and all(stored[k].shape == flat[k].shape for k in flat):
+                logging.info("pre-trained vision encoder from %s", path)
+                return traverse_util.unflatten_dict({k: stored[k] for k in flat}, sep="/")
+        logging.warning("%s holds another encoder; pre-training again", path)
+    train = load_split(config, "train")[0]
+    train_ids = list(train.gallery_ids)
+    if p.max_images > 0:
+        chosen = np.random.default_rng(config.seed).permutation(len(train_ids))[: p.max_images]
+        train_ids = [train_ids[i] for i in chosen]
+    size = config.data.image_size
+    images, labels = vision_pretrain.render_images(train, train_ids, size)
+    held_out = load_split(config, config.eval.select_split)[0]
+    eval_images, eval_labels = vision_pretrain.render_images(held_out, held_out.gallery_ids[: p.eval_images], size)
+    start = time.monotonic()
+    params, pretrain_metrics = vision_pretrain.pretrain(
+        vit_config,
+        params,
+        images,
+        labels,
+        steps=p.steps,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        warmup_steps=p.warmup_steps,
+        seed=config.seed + 11,
+        pixel_mean=config.vision.pixel_mean,
+        pixel_std=config.vision.pixel_std,
+        eval_images=eval_images,
+        eval_labels=eval_labels,
+    )
+    pretrain_metrics.update(
+        objective=p.objective,
+        steps=p.steps,
+        train_images=len(train_ids),
+        eval_split=config.eval.select_split,
+        eval_images=len(eval_images),
+        seconds=time.monotonic() - start,
+    )
+    logging.info("vision pre-training: %s", pretrain_metrics)
+    if path and jax.process_index() == 0:
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **traverse_util.flatten_dict(params, sep="/"))
+        os.replace(tmp, path)
+        write_json(os.path.join(workdir, "vision_pretrain.json"), pretrain_metrics)
+    return params
 
 
 def feature_cache(
@@ -550,6 +627,18 @@ def loss_fn(
     return loss, (aux, out["targets"])
 
 
+def eval_mode_targets(model: Any, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Target embeddings `[batch, K, D]` of the batch's targets without dropout (`bank.enqueue_eval_mode`)."""
+    return model.apply(
+        {"params": params},
+        batch["tgt_features"],
+        batch["caption_ids"],
+        batch["caption_mask"],
+        deterministic=True,
+        method="encode_target",
+    )
+
+
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
     ndims = {"ref_features": 3, "tgt_features": 3, "target_index": 1}
     return {k: sharding.batch_sharding(mesh, ndims.get(k, 2)) for k in BATCH_KEYS}
@@ -581,6 +670,8 @@ def make_train_step(
         finite = train_state.all_finite(loss, grads)
         new_state = train_state.guarded_update(state, grads, tx, finite)
         if bank is not None:
+            if use_dropout and bank_config.enqueue_eval_mode:
+                targets = eval_mode_targets(model, state.params, batch)
             enqueued = bank_lib.enqueue(bank, jax.lax.stop_gradient(targets), batch["target_index"], state.step)
             kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), enqueued, bank)
             new_state = new_state.replace(extra={**new_state.extra, "bank": kept})
@@ -847,7 +938,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise config_lib.ConfigError(f"bank.size / train.batch_size: {e}") from e
     split, parts = train_split(config)
     tokenizer = load_tokenizer(config)
-    vision = build_vision(config)
+    vision = build_vision(config, workdir)
     captions = caption_fn(config, parts, workdir)
     features = feature_cache(config, vision, [split], workdir, "train")
     image_index = {image_id: i for i, image_id in enumerate(features.ids)}

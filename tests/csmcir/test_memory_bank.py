@@ -84,6 +84,7 @@ def np_bank_logits(q, bank: mb.MemoryBank, qids, step, temp, cfg: mb.BankConfig)
         ("topk", 0),
         ("warmup_steps", -2),
         ("mask_false_negatives", 1),
+        ("enqueue_eval_mode", "yes"),
         ("dtype", "float16"),
     ],
 )

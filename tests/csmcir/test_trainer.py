@@ -288,3 +288,30 @@ def test_kill_9_mid_run_then_resume_gives_the_same_params_and_bank(runs):
     steps = [json.loads(line)["step"] for line in (runs["killed"] / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
     assert os.path.exists(runs["killed"] / "results.json")
+
+
+@pytest.mark.slow  # one train-step compile: 200 s on a shared, overloaded CPU core
+def test_bank_enqueues_eval_mode_targets_when_asked():
+    """With dropout, `bank.enqueue_eval_mode` enqueues the targets encoded without dropout by the pre-update params
+    (which differ from the training pass's dropped-out targets)."""
+    dropout_qf = qformer.QFormerConfig.tiny(
+        num_hidden_layers=1, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5, num_query_tokens=4
+    )
+    model_config = model_lib.CSMCIRConfig.tiny(dropout_qf, target_pool="cls")
+    bank_config = bank_lib.BankConfig(size=2 * BATCH, entropy_mode="none", enqueue_eval_mode=True)
+    mesh = _one_device_mesh()
+    init_fn = trainer.init_fn_for(model_config, bank_config, image_tokens=IMAGE_TOKENS, text_len=TEXT_LEN)
+    model = model_lib.CSMCIR(model_config)
+    with nn.logical_axis_rules(RULES):
+        state, shardings = train_state.create_train_state(init_fn, TX, jax.random.PRNGKey(0), mesh, RULES)
+        step = trainer.make_train_step(model, TX, bank_config, LOSS, shardings, mesh, use_dropout=True)
+    batch = _batch(0)
+    params = jax.device_get(state.params)
+    inputs = (batch["tgt_features"], batch["caption_ids"], batch["caption_mask"])
+    expected = model.apply({"params": params}, *inputs, deterministic=True, method="encode_target")
+    rngs = {"dropout": jax.random.PRNGKey(1)}
+    dropped = model.apply({"params": params}, *inputs, deterministic=False, rngs=rngs, method="encode_target")
+    assert np.abs(np.asarray(dropped) - np.asarray(expected)).max() > 1e-3  # dropout changes the targets
+    state, _ = _run(mesh, step, state, [batch])
+    enqueued = jax.device_get(state.extra["bank"].feats[:BATCH])
+    np.testing.assert_allclose(enqueued, expected, rtol=1e-5, atol=1e-6)

@@ -77,8 +77,8 @@ def run_config(config: ml_collections.ConfigDict, seed: int, mode: str) -> ml_co
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     values = [v for v in values if np.isfinite(v)]
-    if not values:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    if not values:  # None, not NaN: compare.json stays valid JSON.
+        return {"mean": None, "std": None, "n": 0}
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
 
@@ -105,7 +105,8 @@ def compare_table(before: dict, runs: dict[str, list[dict[str, float]]]) -> tupl
     lines.append("| EM before GRPO (avg / 1-hop / 2-hop) | " + " | ".join(
         " / ".join(f"{before.get(n, float('nan')):.1f}" for n in SOURCES) for _ in summary["modes"]) + " |")
     for key in keys:
-        cells = [f"{m[key]['mean']:.3f} ± {m[key]['std']:.3f}" for m in summary["modes"].values()]
+        cells = [f"{m[key]['mean']:.3f} ± {m[key]['std']:.3f}" if m[key]["n"] else "-"
+                 for m in summary["modes"].values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return summary, "\n".join(lines) + "\n"
 

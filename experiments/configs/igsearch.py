@@ -46,10 +46,12 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # word_titles, every article title of the corpus is one token too).
     # tokenizer_max_texts > 0 trains the BPE tokenizer on that many corpus passages (faster; tests).
     # logits_chunk_size: log-probs of n positions at a time (0: all; paper scale needs it: 151k-token vocabulary).
+    # copy_head (embedded policy): a pointer-generator output (qwen2.py docstring) so a tiny policy trained from
+    # scratch can copy context tokens (names, years) it has never been trained to emit.
     c.policy = ml_collections.ConfigDict(dict(
-        hf_dir="", tokenizer="bpe", word_titles=True, tokenizer_vocab_size=2048, tokenizer_max_texts=-1,
-        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        use_chat_template=True, dtype="float32", remat=False, logits_chunk_size=0,
+        hf_dir="", tokenizer="bpe", word_titles=True, copy_head=False, tokenizer_vocab_size=2048,
+        tokenizer_max_texts=-1, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_chat_template=True, dtype="float32", remat=False, logits_chunk_size=0,
     ))
     c.rollout = ml_collections.ConfigDict(dict(
         dialect="autorefine", max_turns=2, topk=3, max_segment_tokens=64, max_observation_tokens=160,

@@ -620,11 +620,7 @@ def qwen2_score_fn(config: qwen2.Qwen2Config) -> ScoreFn:
         mask = mask.astype(bool)
         seq = tokens.shape[1]
         k = seq - 1 if num_scored is None else num_scored
-        if not 0 < k < seq:
-            raise ValueError(f"num_scored must be in [1, {seq - 1}], got {k}")
-        hidden, _ = model.apply({"params": params}, tokens, qwen2.positions_from_mask(mask), mask, return_hidden=True)
-        picked, _ = qwen2.token_logprobs(hidden[:, seq - k - 1 : seq - 1], qwen2.lm_head_kernel(params, config),
-                                         tokens[:, seq - k :], config.logits_chunk_size)
+        picked, _ = qwen2.score_tokens(model, params, tokens, mask, k)
         logprobs = jnp.where(mask[:, seq - k :], picked, 0.0)
         return logprobs if num_scored is not None else jnp.pad(logprobs, ((0, 0), (1, 0)))
 

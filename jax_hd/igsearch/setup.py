@@ -135,6 +135,7 @@ def build_model_config(policy: ml_collections.ConfigDict, tokenizer: Any) -> qwe
     overrides: dict[str, Any] = {
         "remat": bool(policy.get("remat", False)),
         "logits_chunk_size": int(policy.get("logits_chunk_size", 0)),
+        "copy_head": bool(policy.get("copy_head", False)),
     }
     if policy.get("dtype"):
         overrides["dtype"] = policy.dtype

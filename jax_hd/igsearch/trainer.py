@@ -82,6 +82,7 @@ SCHEMA = {
     "retrieval.max_retries": F(int, low=0),
     "policy.tokenizer": F(str, choices=("bpe", "word")),
     "policy.word_titles": F(bool),
+    "policy.copy_head": F(bool),
     "policy.tokenizer_vocab_size": F(int, low=300),
     "policy.use_chat_template": F(bool),
     "policy.logits_chunk_size": F(int, low=0),
@@ -188,16 +189,12 @@ def response_logprobs(
     """Log-probability and entropy `[b, R]` of each response token given the prompt and the response before it.
 
     batch: prompt_tokens/prompt_mask `[b, P]` (left-padded), response_tokens/response_mask `[b, R]`
-    (right-padded). One forward over `[b, P + R]`; the hidden state at position `P + j - 1` scores response token
-    j, `model.config.logits_chunk_size` positions at a time (`qwen2.token_logprobs`).
+    (right-padded). One forward over `[b, P + R]`; the output at position `P + j - 1` scores response token j
+    (`qwen2.score_tokens`).
     """
     tokens = jnp.concatenate([batch["prompt_tokens"], batch["response_tokens"]], axis=1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1).astype(bool)
-    hidden, _ = model.apply({"params": params}, tokens, qwen2.positions_from_mask(mask), mask, return_hidden=True)
-    prompt_len = batch["prompt_tokens"].shape[1]
-    head = qwen2.lm_head_kernel(params, model.config)
-    return qwen2.token_logprobs(hidden[:, prompt_len - 1 : -1], head, batch["response_tokens"],
-                               model.config.logits_chunk_size, with_entropy=True)
+    return qwen2.score_tokens(model, params, tokens, mask, batch["response_tokens"].shape[1], with_entropy=True)
 
 
 def sft_objective(

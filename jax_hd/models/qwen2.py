@@ -14,6 +14,14 @@ Matches `transformers.Qwen2ForCausalLM` (eager attention). Parameter layouts are
 One code path serves full-sequence scoring, prefill and decode: keys live in "slots" (the sequence itself
 without a cache, the cache slots with one), each key slot has a validity bit, and a query at slot q attends
 to valid key slots s <= q. Positions are explicit (`positions_from_mask`), so left padding works.
+
+`Qwen2Config.copy_head` (off for every released checkpoint) adds a pointer-generator output (See et al., 2017,
+"Get To The Point"): one RoPE attention head over the final hidden states of the context puts its attention mass
+on the context's token ids, and a sigmoid gate mixes that copy distribution with the LM head's softmax. It gives a
+tiny policy trained from scratch on a CPU the copying that pretrained LLMs do with induction heads; with it the
+"logits" the model returns are the log-probabilities of the mixture (already normalised).
+
+  copy_head/{query,key}  kernel [hidden, head_dim];  copy_head/gate  kernel [hidden, 1], bias [1]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ DType = Any
 # Logical axes of the KV cache's k/v `[layers, batch, max_len, kv_heads, head_dim]` and validity bits.
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
 CACHE_VALID_AXES = ("batch", "length")
+COPY_CACHE_AXES = ("batch", "length", "kv")
 _MASK_VALUE = float(np.finfo(np.float32).min)  # finite: fully masked rows give a uniform softmax, not NaN
 _INIT_STDDEV = 0.02  # HF initializer_range
 
@@ -62,6 +71,7 @@ class Qwen2Config:
     param_dtype: DType = jnp.float32
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     logits_chunk_size: int = 0
+    copy_head: bool = False  # pointer-generator output (module docstring); not an HF field
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # jnp.float32, "bfloat16", ... -> np.dtype, so configs compare equal
@@ -205,12 +215,16 @@ class KVCache:
     k, v:  `[layers, batch, max_len, kv_heads, head_dim]` (post-RoPE keys).
     valid: `[batch, max_len]` bool, which slots hold real (non-padding) tokens.
     end:   int32 scalar, the next slot to write.
+    copy_k, tokens: with `copy_head`, the copy head's post-RoPE keys `[batch, max_len, head_dim]` and each slot's
+      token id `[batch, max_len]` int32; None without it.
     """
 
     k: Array
     v: Array
     valid: Array
     end: Array
+    copy_k: Array | None = None
+    tokens: Array | None = None
 
     @property
     def max_len(self) -> int:
@@ -225,19 +239,24 @@ def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: DType | Non
     """An empty cache (`dtype` default: `config.dtype`). Jit it with `cache_shardings` to create it sharded."""
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
     dtype = dtype or config.dtype
+    copy = config.copy_head
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
         valid=jnp.zeros((batch, max_len), bool),
         end=jnp.zeros((), jnp.int32),
+        copy_k=jnp.zeros((batch, max_len, config.head_dim), dtype) if copy else None,
+        tokens=jnp.zeros((batch, max_len), jnp.int32) if copy else None,
     )
 
 
-def cache_shardings(mesh: Mesh, rules: sharding.Rules | None = None) -> KVCache:
-    """NamedShardings of a `KVCache` from its logical axes (`CACHE_AXES`)."""
+def cache_shardings(mesh: Mesh, rules: sharding.Rules | None = None, *, copy_head: bool = False) -> KVCache:
+    """NamedShardings of a `KVCache` from its logical axes (`CACHE_AXES`); `copy_head` as the config's."""
     kv = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, rules))
     valid = NamedSharding(mesh, sharding.logical_to_spec(CACHE_VALID_AXES, rules))
-    return KVCache(k=kv, v=kv, valid=valid, end=NamedSharding(mesh, P()))
+    copy_k = NamedSharding(mesh, sharding.logical_to_spec(COPY_CACHE_AXES, rules)) if copy_head else None
+    return KVCache(k=kv, v=kv, valid=valid, end=NamedSharding(mesh, P()), copy_k=copy_k,
+                   tokens=valid if copy_head else None)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -404,6 +423,47 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x + h, residual_axes), cache
 
 
+class CopyHead(nn.Module):
+    """The pointer half of `copy_head`: one RoPE attention head over the context's final hidden states whose
+    attention weights become a distribution over the attended tokens' ids, and the gate that mixes it in."""
+
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """x: `[batch, seq, hidden]` final-norm hidden states; positions `[batch, seq]`.
+
+        Returns post-RoPE queries and keys `[batch, seq, head_dim]` and the copy gate logit `[batch, seq]`.
+        """
+        cfg = self.config
+        shape, axes = (cfg.hidden_size, 1, cfg.head_dim), ("embed", None, "kv")
+        q = Linear(cfg, "bld,dhk->blhk", shape, axes, name="query")(x)
+        k = Linear(cfg, "bld,dhk->blhk", shape, axes, name="key")(x)
+        gate = Linear(cfg, "bld,dk->blk", (cfg.hidden_size, 1), ("embed", None), use_bias=True, name="gate")(x)
+        return rope(q, positions, cfg.rope_theta)[:, :, 0], rope(k, positions, cfg.rope_theta)[:, :, 0], gate[..., 0]
+
+
+def mix_copy_distribution(
+    lm_logits: Array, queries: Array, keys: Array, key_tokens: Array, mask: Array, gate_logit: Array
+) -> Array:
+    """Log-probabilities `[batch, seq, vocab]` of `(1 - g) softmax(lm_logits) + g copy`, g = sigmoid(gate_logit).
+
+    lm_logits `[batch, seq, vocab]`; queries `[batch, seq, d]`; keys `[batch, slots, d]`; key_tokens
+    `[batch, slots]` int; mask `[batch, seq, slots]` bool (which slots each query may copy from); gate_logit
+    `[batch, seq]`. copy[b, t, v] is the attention weight on the slots holding token v.
+    """
+    scores = jnp.einsum("btd,bsd->bts", queries, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores * queries.shape[-1] ** -0.5, _MASK_VALUE)
+    attention = jax.nn.softmax(scores, axis=-1)
+    batch, seq, slots = attention.shape
+    rows = jnp.arange(batch)[:, None, None]
+    cols = jnp.arange(seq)[None, :, None]
+    copy = jnp.zeros(lm_logits.shape, jnp.float32).at[rows, cols, key_tokens[:, None, :]].add(attention)
+    gate = jax.nn.sigmoid(gate_logit.astype(jnp.float32))[..., None]
+    mixture = (1.0 - gate) * jax.nn.softmax(lm_logits.astype(jnp.float32), axis=-1) + gate * copy
+    return jnp.log(mixture + 1e-30)
+
+
 class Qwen2LM(nn.Module):
     """Qwen2 causal LM. See the module docstring for the parameter tree."""
 
@@ -418,6 +478,7 @@ class Qwen2LM(nn.Module):
         cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
+        logits_start: int = 0,
     ) -> tuple[Array, KVCache | None]:
         """Logits for `tokens`, optionally appending them to `cache`.
 
@@ -430,9 +491,11 @@ class Qwen2LM(nn.Module):
             `dynamic_update_slice` would clamp silently) and attend to every valid earlier slot.
           return_hidden: return the final-norm hidden states `[batch, seq, hidden]` instead of the logits (score
             them with `lm_head_kernel` + `token_logprobs`, which never holds the whole `[batch, seq, vocab]`).
+            Not with `copy_head` (its output needs the copy attention: use `logits_start`, or `score_tokens`).
+          logits_start: static; the logits of positions `[logits_start, seq)` only.
         Returns:
-          logits `[batch, seq, vocab]` float32 (or the hidden states) and the cache with `end + seq` (None without a
-          cache).
+          logits `[batch, seq - logits_start, vocab]` float32 (with `copy_head`, normalised log-probabilities), or
+          the hidden states, and the cache with `end + seq` (None without a cache).
         """
         cfg = self.config
         seq = tokens.shape[1]
@@ -461,6 +524,18 @@ class Qwen2LM(nn.Module):
         for i in range(cfg.num_hidden_layers):
             x, cache = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, cache)
         x = RMSNorm(cfg, name="norm")(x)
+        if cfg.copy_head:
+            if return_hidden:
+                raise ValueError("return_hidden is not available with copy_head; use logits_start")
+            copy_q, copy_k, gate_logit = CopyHead(cfg, name="copy_head")(x, positions)
+            if cache is None:
+                copy_keys, key_tokens = copy_k, tokens
+            else:
+                copy_keys = jax.lax.dynamic_update_slice(cache.copy_k, copy_k.astype(cache.copy_k.dtype),
+                                                         (0, cache.end, 0))
+                key_tokens = jax.lax.dynamic_update_slice(cache.tokens, tokens.astype(jnp.int32), (0, cache.end))
+                cache = cache.replace(copy_k=copy_keys, tokens=key_tokens)
+        x = x[:, logits_start:]
 
         if cfg.tie_word_embeddings:
             head, equation = jnp.asarray(embed.embedding, cfg.dtype), "bld,vd->blv"
@@ -473,6 +548,9 @@ class Qwen2LM(nn.Module):
         if return_hidden:
             return x, cache
         logits = jnp.einsum(equation, x, head, preferred_element_type=jnp.float32)
+        if cfg.copy_head:
+            logits = mix_copy_distribution(logits, copy_q[:, logits_start:], copy_keys.astype(copy_q.dtype),
+                                           key_tokens, mask[:, logits_start:], gate_logit[:, logits_start:])
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, cache
 
@@ -521,6 +599,31 @@ def token_logprobs(
         logprobs, entropy = (jnp.moveaxis(x, 0, 1).reshape(targets.shape[0], -1)[:, :length]
                              for x in (logprobs, entropy))
     return logprobs, entropy if with_entropy else None
+
+
+def score_tokens(
+    model: Qwen2LM, params: Any, tokens: Array, mask: Array, num_scored: int, *, with_entropy: bool = False
+) -> tuple[Array, Array | None]:
+    """fp32 log-probability (and optionally entropy) `[batch, num_scored]` of the last `num_scored` tokens of each
+    row of `tokens` `[batch, seq]` given the tokens before them (`mask` `[batch, seq]` bool, left padding allowed).
+
+    Projects only the scored positions onto the vocabulary (`logits_chunk_size` at a time without `copy_head`).
+    """
+    config = model.config
+    seq = tokens.shape[1]
+    if not 0 < num_scored < seq:
+        raise ValueError(f"num_scored must be in [1, {seq - 1}], got {num_scored}")
+    positions = positions_from_mask(mask)
+    targets = tokens[:, seq - num_scored :]
+    if config.copy_head:
+        logits, _ = model.apply({"params": params}, tokens, positions, mask, logits_start=seq - num_scored - 1)
+        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) if with_entropy else None
+        return picked, entropy
+    hidden, _ = model.apply({"params": params}, tokens, positions, mask, return_hidden=True)
+    return token_logprobs(hidden[:, seq - num_scored - 1 : -1], lm_head_kernel(params, config), targets,
+                          config.logits_chunk_size, with_entropy=with_entropy)
 
 
 def init_params(config: Qwen2Config, rng: Array) -> Any:

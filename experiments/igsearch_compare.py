@@ -54,7 +54,7 @@ def shared_warm_start(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     s = trainer.build_setup(config)
     params = setup.load_params(config.policy, s.model_config, mesh, config.seed, rules)
     if config.warm_start.steps:
-        examples = s.train_examples[: config.warm_start.num_examples]
+        examples = trainer.warm_start_examples(config, s.train_examples)
         params = trainer.warm_start(config, mesh, rules, s.model_config, params, examples, s.tokenizer, s.client,
                                     workdir)
     tx = trainer.grpo_optimizer(config)

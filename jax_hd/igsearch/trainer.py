@@ -138,6 +138,7 @@ SCHEMA = {
     "warm_start.copy_span": F(int, low=2),
     "warm_start.copy_every": F(int, low=0),
     "warm_start.counterfactual_copies": F(int, low=0),
+    "warm_start.multi_hop_fraction": F(float, high=1.0),
     "sampler.row_buckets": F(int, positive=True),
     "eval.batch_size": F(int, positive=True),
     "eval.before_grpo": F(bool),
@@ -798,6 +799,22 @@ def expert_batch(
     return {k: packed[k] for k in SFT_KEYS}
 
 
+def warm_start_examples(
+    config: ml_collections.ConfigDict, train_examples: Sequence[qa.QAExample]
+) -> list[qa.QAExample]:
+    """The questions of the expert warm start: the first `warm_start.num_examples` train questions, of which, when
+    `warm_start.multi_hop_fraction` >= 0, only as many multi-hop ones (`hops > 1`, first ones kept) as make up that
+    fraction of the result: a warm start that rarely shows the second search leaves it to GRPO to learn."""
+    examples = list(train_examples[: config.warm_start.num_examples])
+    fraction = config.warm_start.get("multi_hop_fraction", -1.0)
+    if fraction < 0:
+        return examples
+    single = [e for e in examples if e.hops <= 1]
+    keep = round(fraction * len(single) / (1.0 - fraction)) if fraction < 1 else len(examples)
+    multi = {id(e) for e in [e for e in examples if e.hops > 1][:keep]}
+    return [e for e in examples if e.hops <= 1 or id(e) in multi]
+
+
 def copy_token_ids(tokenizer: Any) -> np.ndarray:
     """The token ids the copy pre-training draws from: the whole vocabulary but the special tokens and the agent
     tags."""
@@ -917,7 +934,7 @@ def initial_state(
         return ckpt.restore(abstract, prompts)
     params = setup.load_params(config.policy, s.model_config, mesh, config.seed, rules)
     if config.warm_start.steps:
-        examples = s.train_examples[: config.warm_start.num_examples]
+        examples = warm_start_examples(config, s.train_examples)
         params = warm_start(config, mesh, rules, s.model_config, params, examples, s.tokenizer, s.client, workdir)
     return state_from_params(params, tx, jax.random.PRNGKey(config.seed + 2), state_shardings,
                              config.grpo.kl_coef > 0)

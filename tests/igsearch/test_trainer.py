@@ -291,6 +291,18 @@ def test_expert_hops_of_embedded_question_types():
     assert [h.query for h in experts.expert_hops(cloze, 3)] == ["Rome It was"]
 
 
+def test_warm_start_examples_keep_the_requested_share_of_multi_hop_questions():
+    examples = [QAExample(f"q{i}", "q", ("a",), "s", "train", hops=1 + (i % 2)) for i in range(20)]
+    config = igsearch_configs.get_config("cpu_test")
+    config.warm_start.num_examples = 16
+    assert trainer.warm_start_examples(config, examples) == examples[:16]
+    config.warm_start.multi_hop_fraction = 0.2  # 8 single-hop questions, so 2 multi-hop ones (the first two)
+    chosen = trainer.warm_start_examples(config, examples)
+    assert [e.id for e in chosen if e.hops == 2] == ["q1", "q3"] and sum(e.hops == 1 for e in chosen) == 8
+    config.warm_start.multi_hop_fraction = 0.0
+    assert all(e.hops == 1 for e in trainer.warm_start_examples(config, examples))
+
+
 def test_learn_from_rollouts_gives_query_tokens_a_gradient_when_all_rewards_are_equal(tiny_world, runtime):
     tokenizer, client, examples = tiny_world
     rt, holder = runtime

@@ -86,12 +86,13 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     # induction rows (copy_length random vocabulary tokens, then a copy_span slice of them from a random offset;
     # experts.copy_batch); copy_every > 0: after them, every copy_every-th warm-start step is a copy step too.
     # counterfactual_copies: per expert trajectory, that many copies with its entities renamed to random tokens
-    # (experts.counterfactual_trajectory; for a word-level tokenizer). multi_hop_fraction >= 0: the share of
-    # multi-hop questions among the warm start's (trainer.warm_start_examples; -1: as they come).
+    # (experts.counterfactual_trajectory; for a word-level tokenizer); counterfactual_only: train on those copies
+    # alone, so the policy cannot memorise the train split's (name, year) pairs. multi_hop_fraction >= 0: the share
+    # of multi-hop questions among the warm start's (trainer.warm_start_examples; -1: as they come).
     c.warm_start = ml_collections.ConfigDict(dict(
         multi_hop_fraction=-1.0, copy_steps=0, copy_batch_size=32, copy_length=32, copy_span=12, copy_every=0,
-        counterfactual_copies=0, steps=400, num_examples=1500, batch_size=8, lr=3e-3, warmup_steps=20,
-        max_query_words=8, refine_window_words=12, checkpoint_every=50,
+        counterfactual_copies=0, counterfactual_only=False, steps=400, num_examples=1500, batch_size=8, lr=3e-3,
+        warmup_steps=20, max_query_words=8, refine_window_words=12, checkpoint_every=50,
     ))
     # max_turns: search turns of the greedy evaluation (0: rollout.max_turns, the training rollouts').
     c.eval = ml_collections.ConfigDict(dict(batch_size=100, before_grpo=True, max_turns=0))

@@ -138,6 +138,7 @@ SCHEMA = {
     "warm_start.copy_span": F(int, low=2),
     "warm_start.copy_every": F(int, low=0),
     "warm_start.counterfactual_copies": F(int, low=0),
+    "warm_start.counterfactual_only": F(bool),
     "warm_start.multi_hop_fraction": F(float, high=1.0),
     "sampler.row_buckets": F(int, positive=True),
     "eval.batch_size": F(int, positive=True),
@@ -791,8 +792,9 @@ def expert_batch(
     copies = config.warm_start.get("counterfactual_copies", 0)
     if copies:
         rng, token_ids = np.random.default_rng([config.seed, 7]), copy_token_ids(tokenizer)
-        trajectories += [experts.counterfactual_trajectory(t, tokenizer, token_ids, rng)
-                         for _ in range(copies) for t in trajectories]
+        renamed = [experts.counterfactual_trajectory(t, tokenizer, token_ids, rng)
+                   for _ in range(copies) for t in trajectories]
+        trajectories = renamed if config.warm_start.get("counterfactual_only", False) else trajectories + renamed
     prompt_len, response_len = bucketed_lengths(trajectories, config.trainer.prompt_buckets,
                                                 config.trainer.response_buckets)
     packed = rollout.pack_trajectories(trajectories, prompt_len, response_len, setup.pad_token_id(tokenizer))

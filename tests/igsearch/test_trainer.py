@@ -279,6 +279,18 @@ def test_expert_trajectories_have_the_rollout_layout(tiny_world):
     assert t.response_ids[-1] == tokenizer.eos_token_id
 
 
+def test_counterfactual_only_trains_on_the_renamed_copies_alone(tiny_world):
+    tokenizer, client, examples = tiny_world
+    config = igsearch_configs.get_config("cpu_test")
+    config.warm_start.counterfactual_copies = 1
+    both = trainer.expert_batch(config, examples, tokenizer, client)
+    config.warm_start.counterfactual_only = True
+    renamed = trainer.expert_batch(config, examples, tokenizer, client)
+    assert len(both["prompt_tokens"]) == 2 * len(renamed["prompt_tokens"]) == 2 * len(examples)
+    originals = {tuple(row) for row in both["response_tokens"][: len(examples)]}
+    assert not originals & {tuple(row) for row in renamed["response_tokens"]}
+
+
 def test_expert_hops_of_embedded_question_types():
     bridge = QAExample("b", 'A sentence about Ada reads: "Ada met X in Paris." Which year fills the blank in this '
                             'sentence about X: "X was born in ___ in Turin."?', ("1815",), "s", "train", hops=2,

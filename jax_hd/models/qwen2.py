@@ -455,7 +455,7 @@ def mix_copy_distribution(
     scores = jnp.einsum("btd,bsd->bts", queries, keys, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores * queries.shape[-1] ** -0.5, _MASK_VALUE)
     attention = jax.nn.softmax(scores, axis=-1)
-    batch, seq, slots = attention.shape
+    batch, seq, _ = attention.shape
     rows = jnp.arange(batch)[:, None, None]
     cols = jnp.arange(seq)[None, :, None]
     copy = jnp.zeros(lm_logits.shape, jnp.float32).at[rows, cols, key_tokens[:, None, :]].add(attention)

@@ -216,24 +216,31 @@ def win_fraction(first: Sequence[float], second: Sequence[float]) -> float | Non
     return float(np.mean(a[ok] > b[ok]) + 0.5 * np.mean(a[ok] == b[ok]))
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    values = np.asarray(values, np.float64)
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else None
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    """float64 array with None (a step not scored, as the JSON records write it) as NaN."""
+    return np.array([np.nan if v is None else v for v in values], np.float64)
 
 
-def _valid(values: Sequence[float]) -> list[float]:
-    return [float(v) for v in values if not np.isnan(v)]
+def _mean(values: Sequence[float | None]) -> float | None:
+    array = _floats(values)
+    array = array[~np.isnan(array)]
+    return float(array.mean()) if array.size else None
+
+
+def _valid(values: Sequence[float | None]) -> list[float]:
+    return [float(v) for v in _floats(values) if not np.isnan(v)]
 
 
 def summarize(records: Sequence[dict[str, Any]], join: str) -> dict[str, Any]:
-    """Per-layout statistics of the unit records (module docstring)."""
-    ig = {k: [r["ig"][join][k] for r in records] for k in KINDS}
-    real = {k: [r["real_score"][join][k] for r in records] for k in KINDS}
+    """Per-layout statistics of the unit records (module docstring); `by_num_hops` repeats the main ones for the
+    units of single-hop ("1") and two-hop ("2") questions."""
+    ig = {k: _floats([r["ig"][join][k] for r in records]) for k in KINDS}
+    real = {k: _floats([r["real_score"][join][k] for r in records]) for k in KINDS}
     held = [r for r in records if r["answer_in_documents"]["expert"]]
-    held_ig = {k: [r["ig"][join][k] for r in held] for k in KINDS}
+    held_ig = {k: _floats([r["ig"][join][k] for r in held]) for k in KINDS}
     pooled = [v for k in CORRUPTIONS for v in _valid(ig[k])]
-    return {
+    summary: dict[str, Any] = {
+        "units": len(records),
         "mean_ig": {k: _mean(ig[k]) for k in KINDS},
         "mean_real_score": {k: _mean(real[k]) for k in KINDS},
         "win_fraction": {k: win_fraction(ig["expert"], ig[k]) for k in CORRUPTIONS},
@@ -245,8 +252,17 @@ def summarize(records: Sequence[dict[str, Any]], join: str) -> dict[str, Any]:
             "win_fraction": {k: win_fraction(held_ig["expert"], held_ig[k]) for k in CORRUPTIONS},
             "auc": auc(_valid(held_ig["expert"]), [v for k in CORRUPTIONS for v in _valid(held_ig[k])]),
         },
+        "answer_in_documents": {k: float(np.mean([r["answer_in_documents"][k] for r in records])) if records
+                                else None for k in KINDS},
         "scored_steps": {k: len(_valid(ig[k])) for k in KINDS},
     }
+    hop_counts = sorted({r["num_hops"] for r in records})
+    if len(hop_counts) > 1:
+        summary["by_num_hops"] = {}
+        for n in hop_counts:
+            part = summarize([r for r in records if r["num_hops"] == n], join)
+            summary["by_num_hops"][str(n)] = {key: part[key] for key in ("units", "mean_ig", "win_fraction", "auc")}
+    return summary
 
 
 IGBatch = tuple[list[tuple[int, int]], list[info_gain.RolloutSteps], list[str], list[int], int]
@@ -349,7 +365,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def table(layouts: dict[str, dict[str, Any]]) -> str:
-    """The printed table: one row per layout."""
+    """The printed table: one row per layout (AUC real: the mean over corruptions of `real_score_auc`; AUC held:
+    on the units whose expert documents hold the answer), then the AUC per question hop count."""
     header = (f"{'answer_join':<13} {'IG expert':>9} {'IG rand':>9} {'IG other':>9} {'win rand':>8} "
               f"{'win other':>9} {'AUC rand':>8} {'AUC other':>9} {'AUC all':>8} {'AUC real':>8} {'AUC held':>8}")
     rows = [header]
@@ -361,6 +378,11 @@ def table(layouts: dict[str, dict[str, Any]]) -> str:
             f"{_fmt(s['win_fraction']['other_query']):>9} {_fmt(s['auc']['random_words']):>8} "
             f"{_fmt(s['auc']['other_query']):>9} {_fmt(s['auc']['all']):>8} {_fmt(real_auc):>8} "
             f"{_fmt(s['answer_in_expert_documents']['auc']):>8}")
+    for join, s in layouts.items():
+        parts = [f"{n}-hop questions: AUC all {_fmt(part['auc']['all'])} over {part['units']} units"
+                 for n, part in s.get("by_num_hops", {}).items()]
+        if parts:
+            rows.append(f"{join}: " + "; ".join(parts))
     return "\n".join(rows)
 
 

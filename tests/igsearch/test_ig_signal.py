@@ -85,6 +85,7 @@ def test_measure_on_a_tiny_model(setup):
                       *summary["win_fraction"].values()]:
             assert 0.0 <= value <= 1.0
         assert out["ig_diagnostics"][join]["ig/n_search_steps"] > 0
+        assert set(summary["by_num_hops"]) == {"1", "2"} and summary["by_num_hops"]["2"]["units"] == 2
         mean_expert = np.mean([r["ig"][join]["expert"] for r in out["units"]])
         assert summary["mean_ig"]["expert"] == pytest.approx(mean_expert)
 
@@ -98,4 +99,8 @@ def test_measure_on_a_tiny_model(setup):
         expected = out["units"][u]["ig"]["space_joined"][ig_signal.KINDS[k]]
         assert direct.step_igs[row][0] == pytest.approx(expected, abs=1e-5)
     table = ig_signal.table(out["layouts"])
-    assert "reference" in table and "space_joined" in table
+    assert "reference" in table and "space_joined" in table and "2-hop questions" in table
+    # The JSON records (None for a step not scored) summarize like the in-memory ones.
+    records = json.loads(json.dumps(out["units"]))
+    records[0]["ig"]["reference"]["expert"] = None
+    assert ig_signal.summarize(records, "reference")["scored_steps"]["expert"] == len(units) - 1

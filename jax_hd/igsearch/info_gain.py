@@ -13,7 +13,8 @@ Pipeline (host text -> one bucketed device pass -> host numbers):
 1. `rollout_steps`: decode prompt + response, parse the response's `<search>`/`<documents>`/`<refine>` blocks
    (`parse_steps`) and keep the ones that are real observations of `trajectory.steps` (by token span);
 2. `plan_sequences`: for every valid step, one REAL and N RANDOM context strings per gold variant
-   (`build_context` + `answer_prefix`), with random pairs from the batch-wide pool (`sample_pairs`);
+   (`build_context` + the answer prefix, joined to the gold as `answer_join` says), with random pairs from the
+   batch-wide pool (`sample_pairs`);
 3. `SequenceScorer`: context tokens (left-truncated, left-padded) + gold tokens (right-padded), sorted into
    (rows, context, answer) buckets and micro-batches, one jitted forward per micro-batch (`make_score_fn`:
    fp32 log-softmax, next-token log-prob of each gold token), sharded over `data` x `fsdp` with a mesh;
@@ -60,6 +61,8 @@ from jax_hd.igsearch import rollout
 from jax_hd.models import qwen2
 
 AGGREGATIONS = ("mean", "sum", "max")
+# How the scored gold answer meets its context (IGConfig.answer_join).
+ANSWER_JOINS = ("reference", "space_joined")
 REAL, RANDOM = "real", "random"
 # Opening tags that end an unclosed observation block (spec §2.6 tolerance, extended to observations).
 _AGENT_OPEN_TAGS = ("<think>", "<search>", "<answer>", "<refine>", "<documents>", "<information>")
@@ -85,7 +88,14 @@ class IGConfig:
     max_gold_variants: how many of a question's gold answers are scored; IG uses the one with the best REAL score.
     aggregation: per-rollout `r_ig` from its step IGs: "mean" | "sum" | "max" (0.0 without steps).
     answer_prefix: appended to the context skeleton; it is part of the CONTEXT string (tokenized together with
-      it) while the gold answer is tokenized on its own: its tokens are the only scored ones (reference layout).
+      it) while the gold answer is tokenized on its own: its tokens are the only scored ones.
+    answer_join: where the context ends and the scored text starts (`scoring_context` / `scored_answer`):
+      "reference" (the authors' `ig_reward.py`, our default): the context ends with the whole `answer_prefix`
+      ("...\n<answer> ") and the scored text is the gold as is ("George"). With a byte-level BPE tokenizer the
+      context then ends with a lone-space token and the gold's first token has no leading space, a token layout
+      a policy that writes "<answer> George" (one space-led word token " George") never produces.
+      "space_joined": the context ends with `answer_prefix` without its trailing whitespace ("...\n<answer>") and
+      the scored text is " " + gold (" George"): the tokens the policy itself writes after `<answer>`.
     dialect: "autorefine" (`<documents>` observations) or "search_r1" (`<information>`, no refine blocks).
     skip_failed_searches: steps whose search failed (`SearchStep.failed`, an error text in the observation) are not
       scored and not pooled, so a retrieval outage never penalises a query (ours; the reference cannot tell).
@@ -108,6 +118,7 @@ class IGConfig:
     max_gold_variants: int = 1
     aggregation: str = "mean"
     answer_prefix: str = "\n<answer> "
+    answer_join: str = "reference"
     dialect: str = "autorefine"
     skip_failed_searches: bool = True
     seed: int = 0
@@ -135,6 +146,8 @@ class IGConfig:
             raise ValueError(f"IGConfig: expected {', '.join(failed)}; got {self}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"IGConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.answer_join not in ANSWER_JOINS:
+            raise ValueError(f"IGConfig.answer_join must be one of {ANSWER_JOINS}, got {self.answer_join!r}")
         if self.dialect not in rollout.OBSERVATION_TAGS:
             raise ValueError(
                 f"IGConfig.dialect must be one of {sorted(rollout.OBSERVATION_TAGS)}, got {self.dialect!r}")
@@ -145,6 +158,16 @@ class IGConfig:
     @property
     def observation_tag(self) -> str:
         return rollout.OBSERVATION_TAGS[self.dialect]
+
+    def scoring_context(self, skeleton: str) -> str:
+        """The context string a gold answer is scored after: the skeleton + the answer prefix (`answer_join`)."""
+        if self.answer_join == "space_joined":
+            return skeleton + self.answer_prefix.rstrip()
+        return skeleton + self.answer_prefix
+
+    def scored_answer(self, gold: str) -> str:
+        """The text whose tokens are scored for a gold answer (tokenized on its own, `answer_join`)."""
+        return " " + gold if self.answer_join == "space_joined" else gold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,7 +421,8 @@ def sample_pairs(
 
 @dataclasses.dataclass(frozen=True)
 class ScoringSequence:
-    """One teacher-forced sequence: `context` (skeleton + answer prefix) then `answer` (a gold variant).
+    """One teacher-forced sequence: `context` (`IGConfig.scoring_context`) then `answer`, the scored text of a gold
+    variant (`IGConfig.scored_answer`).
 
     trajectory, step: the scored step (`step` indexes `trajectory.steps`); variant: gold variant index;
     kind: REAL or RANDOM; source: (trajectory, step) whose (documents, refine) pair sits at the target step.
@@ -451,12 +475,13 @@ def plan_sequences(
             randoms, level = sample_pairs(pool, (block.documents, block.refine), group_ids[r], config.n_random,
                                           config.exclude_same_question, rng)
             fallbacks += level > 0
-            real = build_context(steps.prefix, steps.blocks, t) + config.answer_prefix
-            counterfactuals = [(build_context(steps.prefix, steps.blocks, t, e.pair) + config.answer_prefix,
+            real = config.scoring_context(build_context(steps.prefix, steps.blocks, t))
+            counterfactuals = [(config.scoring_context(build_context(steps.prefix, steps.blocks, t, e.pair)),
                                 (e.trajectory, e.step)) for e in randoms]
             for v, gold in enumerate(golds):
-                sequences.append(ScoringSequence(r, index, v, REAL, real, gold, (r, index)))
-                sequences += [ScoringSequence(r, index, v, RANDOM, context, gold, source)
+                answer = config.scored_answer(gold)
+                sequences.append(ScoringSequence(r, index, v, REAL, real, answer, (r, index)))
+                sequences += [ScoringSequence(r, index, v, RANDOM, context, answer, source)
                               for context, source in counterfactuals]
     return sequences, {"ig/pool_size": float(len(pool)), "ig/pool_fallback_steps": float(fallbacks)}
 

@@ -104,6 +104,7 @@ SCHEMA = {
     "ig.clip": F(float, positive=True),
     "ig.n_random": F(int, positive=True),
     "ig.exclude_same_question": F(bool),
+    "ig.answer_join": F(str, choices=info_gain.ANSWER_JOINS),
     "ig.max_context_tokens": F(int, positive=True),
     "ig.micro_batch_size": F(int, positive=True),
     "ig.seed": F(int, low=0),
@@ -495,8 +496,9 @@ def ig_config_from(config: ml_collections.ConfigDict, pad_id: int) -> info_gain.
     ig = config.ig
     return info_gain.IGConfig(
         n_random=ig.n_random, exclude_same_question=ig.exclude_same_question, max_context_tokens=ig.max_context_tokens,
-        dialect=config.rollout.dialect, seed=ig.seed, context_buckets=tuple(ig.context_buckets),
-        answer_buckets=tuple(ig.answer_buckets), micro_batch_size=ig.micro_batch_size, pad_id=pad_id)
+        answer_join=ig.answer_join, dialect=config.rollout.dialect, seed=ig.seed,
+        context_buckets=tuple(ig.context_buckets), answer_buckets=tuple(ig.answer_buckets),
+        micro_batch_size=ig.micro_batch_size, pad_id=pad_id)
 
 
 def rollout_config_from(config: ml_collections.ConfigDict) -> rollout.RolloutConfig:

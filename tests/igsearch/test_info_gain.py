@@ -163,6 +163,8 @@ def test_config_validation():
         ig.IGConfig(dialect="react")
     assert ig.IGConfig(context_buckets=[4096, 256]).context_buckets == (256, 4096)
     assert ig.IGConfig(dialect="search_r1").observation_tag == "information"
+    with pytest.raises(ValueError, match="answer_join"):
+        ig.IGConfig(answer_join="glued")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +287,47 @@ def test_ig_is_real_minus_mean_random_with_a_fake_scorer():
     assert result.diagnostics["ig/pool_size"] == 8 and result.diagnostics["ig/pool_fallback_steps"] == 0
     again = ig.compute_info_gain(ValueScorer(), None, trajectories, ["x"] * 8, BYTES, config, group_ids=groups, step=5)
     assert again.step_igs == result.step_igs  # Deterministic per (seed, step).
+
+
+class RecordingScorer:
+    """Records the (context, answer) ids it is asked to score; every answer token gets log-prob -1."""
+
+    def __init__(self):
+        self.contexts, self.answers = [], []
+
+    def __call__(self, params, contexts, answers):
+        self.contexts += [list(c) for c in contexts]
+        self.answers += [list(a) for a in answers]
+        return [np.full(len(a), -1.0, np.float32) for a in answers]
+
+
+@pytest.mark.parametrize("join", ig.ANSWER_JOINS)
+def test_answer_join_decides_where_the_context_ends_and_which_tokens_are_scored(join):
+    texts = ["George Washington was born in Virginia.", "Ask George about George Washington, then Ada."] * 30
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=320)
+    pieces = lambda ids: [tokenizer.decode([i]) for i in ids]  # noqa: E731
+    gold = "George Washington"
+    trajectories = [make_trajectory(tokenizer, f"Q{i}: who?\n", [f"<search> q{i} </search>",
+                                                                   Obs(f"{gold} was born in Virginia {i}."),
+                                                                   f"<answer> {gold} </answer>"]) for i in range(2)]
+    config = ig.IGConfig(n_random=1, answer_join=join)
+    scorer = RecordingScorer()
+    result = ig.compute_info_gain(scorer, None, trajectories, [gold, gold], tokenizer, config, group_ids=[0, 1])
+    assert result.diagnostics["ig/n_search_steps"] == 2 and len(scorer.answers) == 4
+    steps = ig.rollout_steps(trajectories[0], tokenizer, config)
+    skeleton = ig.build_context(steps.prefix, steps.blocks, 0)
+    real_context = tokenizer.encode(skeleton + config.answer_prefix, add_special_tokens=False)
+    if join == "reference":  # Today's layout, exactly: the context ends with "\n<answer> ", the gold on its own.
+        assert scorer.contexts[0] == real_context
+        assert pieces(scorer.contexts[0][-2:]) == ["<answer>", " "]  # A lone-space token before the gold.
+        assert pieces(scorer.answers[0]) == ["George", " Washington"]
+        assert config.scored_answer(gold) == gold
+    else:  # The context ends at <answer>; the gold is scored as one space-led word token, as a policy writes it.
+        assert scorer.contexts[0] == real_context[:-1]
+        assert pieces(scorer.contexts[0][-2:]) == ["\n", "<answer>"]
+        assert pieces(scorer.answers[0]) == [" George", " Washington"]
+        assert config.scoring_context("ctx") == "ctx\n<answer>" and config.scored_answer(gold) == " " + gold
+    assert all(a == scorer.answers[0] for a in scorer.answers)  # REAL and RANDOM score the same tokens.
 
 
 def test_gold_longer_than_the_largest_answer_bucket_is_truncated_and_counted():

@@ -384,6 +384,17 @@ def test_inconsistent_batch_sizes_are_a_config_error():
         trainer.check_config(igsearch_configs.get_config(preset))
 
 
+def test_ig_answer_join_is_validated_and_reaches_the_ig_config():
+    config = igsearch_configs.get_config("cpu_test")
+    assert trainer.ig_config_from(config, pad_id=0).answer_join == config.ig.answer_join == "reference"
+    config.ig.answer_join = "space_joined"
+    trainer.check_config(config)
+    assert trainer.ig_config_from(config, pad_id=0).answer_join == "space_joined"
+    config.ig.answer_join = "glued"
+    with pytest.raises(config_lib.ConfigError, match="config.ig.answer_join"):
+        trainer.check_config(config)
+
+
 def test_checkpoint_of_another_model_names_the_parameter(tmp_path):
     mesh = _one_device_mesh()
     tx = optax.adam(1e-3)

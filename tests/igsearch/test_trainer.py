@@ -313,6 +313,8 @@ def test_warm_start_examples_keep_the_requested_share_of_multi_hop_questions():
     assert [e.id for e in chosen if e.hops == 2] == ["q1", "q3"] and sum(e.hops == 1 for e in chosen) == 8
     config.warm_start.multi_hop_fraction = 0.0
     assert all(e.hops == 1 for e in trainer.warm_start_examples(config, examples))
+    config.warm_start.multi_hop_fraction = 1.0
+    assert [e.id for e in trainer.warm_start_examples(config, examples)] == [f"q{i}" for i in range(1, 16, 2)]
 
 
 def test_learn_from_rollouts_gives_query_tokens_a_gradient_when_all_rewards_are_equal(tiny_world, runtime):
@@ -379,6 +381,10 @@ def test_inconsistent_batch_sizes_are_a_config_error():
     config = igsearch_configs.get_config("cpu_test")
     config.ig.transform = "softmax"
     with pytest.raises(config_lib.ConfigError, match="config.ig.transform"):
+        trainer.check_config(config)
+    config = igsearch_configs.get_config("cpu_test")
+    config.warm_start.counterfactual_only = True
+    with pytest.raises(config_lib.ConfigError, match="counterfactual_only needs"):
         trainer.check_config(config)
     for preset in ("cpu_test", "cpu_demo", "qwen2_5_3b_tpu"):
         trainer.check_config(igsearch_configs.get_config(preset))

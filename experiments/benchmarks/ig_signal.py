@@ -499,7 +499,7 @@ def benchmark(values: dict[str, Any]) -> dict[str, Any]:
     print(f"{len(units)} units ({sum(u.num_hops == 2 for u in units)} of two-hop questions), "
           f"{int(scoring['sequences'])} sequences, {scoring['tokens'] / max(scoring['seconds'], 1e-9):.0f} tokens/s, "
           f"{scorer.compiled_programs()} programs; wall {wall:.0f} s (setup {setup_s:.0f} s)")
-    payload = {"model": hf_dir, "flags": {k: v for k, v in values.items()}, "questions": len(examples),
+    payload = {"model": hf_dir, "flags": dict(values), "questions": len(examples),
                "units": len(units), "wall_s": wall, "setup_s": setup_s, "compiled_programs": scorer.compiled_programs(),
                "devices": jax.device_count(), **result}
     metrics.write_json(values["out"], payload)

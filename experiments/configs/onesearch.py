@@ -39,6 +39,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     )
     # Semantic IDs (spec §1.4). embedder: "minilm" (real all-MiniLM-L6-v2, cached in <workdir>/cache) or "hashed".
     # uid_mode: "code_average" (spec §1.5 formula) or "centroid" (SID of the weighted mean embedding).
+    # keyword_fusion: KHQE (spec §1.3), item and query embeddings fused with the mean embedding of the pool keywords
+    # they contain, e = normalize((1 - w) e + w mean(e_kw)), w = keyword_weight (paper 1/2); the pool is the train
+    # clicks' core keywords (at most keyword_pool_size, by session count). A source without keywords is unchanged.
     c.sid = ml_collections.ConfigDict(
         dict(
             embedder="minilm",
@@ -51,6 +54,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             kmeans_iters=20,
             opq_iters=6,
             uid_mode="code_average",
+            keyword_fusion=False,
+            keyword_weight=0.5,
+            keyword_pool_size=20_000,
         )
     )
     c.layout = ml_collections.ConfigDict(

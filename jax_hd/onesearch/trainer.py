@@ -89,6 +89,9 @@ SCHEMA = {
     "sid.kmeans_iters": F(int, positive=True),
     "sid.opq_iters": F(int, positive=True),
     "sid.uid_mode": F(str, choices=model_lib.UID_MODES),
+    "sid.keyword_fusion": F(bool),
+    "sid.keyword_weight": F(float, low=0.0, high=1.0),
+    "sid.keyword_pool_size": F(int, positive=True),
     "layout.max_query_tokens": F(int, positive=True),
     "layout.max_recent": F(int, low=0),
     "layout.recent_query_tokens": F(int, low=0),
@@ -227,6 +230,41 @@ def embed_texts(texts: Sequence[str], config: ml_collections.ConfigDict, cache_d
         os.makedirs(cache_dir, exist_ok=True)
         np.save(path, x)
     return x
+
+
+def keyword_pool(log: catalog_lib.QueryLog, max_size: int) -> list[str]:
+    """The KHQE keyword pool (spec §1.3): core keywords of train sessions with a click, by descending session count
+    (the paper's page views; ties alphabetical), at most `max_size`; empty when the log has no keywords."""
+    clicked = np.zeros(len(log), bool)
+    clicked[log.impression_session[log.clicked]] = True
+    counts: dict[str, int] = {}
+    for s in np.flatnonzero(clicked & (log.splits == "train")).tolist():
+        for kw in dict.fromkeys(log.keywords[s]):
+            counts[kw] = counts.get(kw, 0) + 1
+    return [kw for kw, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))][:max_size]
+
+
+def keyword_enhanced(
+    texts: Sequence[str],
+    embeddings: np.ndarray,
+    pool: Sequence[str],
+    config: ml_collections.ConfigDict,
+    cache_dir: str | None,
+) -> tuple[np.ndarray, float]:
+    """KHQE fusion (spec §1.3): `(normalize((1 - w) e + w mean(e_kw)) [n, d], share of texts with a keyword)`, the
+    keywords of a text being the pool entries it contains (`semantic_ids.match_keywords`: the query side's
+    Aho-Corasick match; for item titles it stands in for the paper's offline Qwen-VL pick from the pool)."""
+    matched = [semantic_ids.match_keywords(t, pool) for t in texts]
+    vocab = sorted({kw for kws in matched for kw in kws})
+    if not vocab:
+        return embeddings, 0.0
+    index = {kw: i for i, kw in enumerate(vocab)}
+    ids = [index[kw] for kws in matched for kw in kws]
+    offsets = np.concatenate([[0], np.cumsum([len(kws) for kws in matched])])
+    fused = semantic_ids.fuse_keywords(
+        embeddings, embed_texts(vocab, config, cache_dir), offsets, ids, weight=config.sid.keyword_weight
+    )
+    return fused, float(np.mean([bool(kws) for kws in matched]))
 
 
 def sid_config(config: ml_collections.ConfigDict) -> semantic_ids.SemanticIDConfig:
@@ -580,6 +618,10 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     # 1. SIDs over items + queries (shared codebooks).
     titles = cat.titles.tolist()
     embeddings = embed_texts(titles + queries, config, cache_dir)
+    keyword_coverage = 0.0
+    if config.sid.keyword_fusion:
+        pool = keyword_pool(log, config.sid.keyword_pool_size)
+        embeddings, keyword_coverage = keyword_enhanced(titles + queries, embeddings, pool, config, cache_dir)
     sid_model, codes = semantic_ids.fit_transform(embeddings, sid_config(config))
     item_codes, query_codes = codes[:n_items], codes[n_items:]
     tables, entity_rows = centroid_rows(sid_model, codes)
@@ -980,6 +1022,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     info = {
         "num_items": n_items, "num_queries": len(queries), "vocab_size": vocab.vocab_size,
         "text_vocab_size": vocab.text_vocab_size, "input_length": input_len, "sid_stats": stats,
+        "keyword_coverage": round(keyword_coverage, 4),
         "stage_examples": {k: len(v) for k, v in stages.items()}, "stage3_base": num_base,
         "stage3_sliding_window": num_window, "eval_pairs": {k: len(v) for k, v in eval_sets.items()},
         "eval_slices": {k: {s: int(m.sum()) for s, m in v.items()} for k, v in eval_slices.items()},

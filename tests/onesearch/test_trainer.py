@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs import onesearch as configs
 from jax_hd.core import checkpoint, sharding
-from jax_hd.onesearch import keywords, trainer
+from jax_hd.onesearch import keywords, semantic_ids, trainer
 from jax_hd.onesearch import model as model_lib
 
 RULES = sharding.DEFAULT_RULES
@@ -385,3 +385,32 @@ def test_stage3_learns_the_request_not_the_majority_code(setup, sid_softmax):
         assert not (learnt or reads_request or isotropic), (report, relapse)
     else:
         assert learnt and reads_request and isotropic, (report, relapse)
+
+
+def test_keyword_pool_and_fusion(setup, config):
+    """KHQE: the pool is the train clicks' core keywords by session count; a text is fused with the mean embedding of
+    the pool keywords it contains (unit norm), a text without any keeps its embedding."""
+    log = setup.world.log
+    pool = trainer.keyword_pool(log, 1000)
+    assert pool and len(set(pool)) == len(pool)
+    assert set(pool) <= {k for kws in log.keywords for k in kws}
+    assert trainer.keyword_pool(log, 3) == pool[:3]
+    texts = [f"a {pool[0]} thing", "zzzz qqqq"]
+    raw = trainer.embed_texts(texts, config, None)
+    fused, coverage = trainer.keyword_enhanced(texts, raw, pool, config, None)
+    assert coverage == 0.5
+    np.testing.assert_array_equal(fused[1], raw[1])
+    chex.assert_trees_all_close(np.linalg.norm(fused[0]), 1.0, atol=1e-5)
+    matched = semantic_ids.match_keywords(texts[0], pool)
+    assert pool[0] in matched
+    kw = trainer.embed_texts(sorted(matched), config, None)
+    expected = 0.5 * raw[0] + 0.5 * kw.mean(0)
+    chex.assert_trees_all_close(fused[0], expected / np.linalg.norm(expected), atol=1e-5)
+
+
+def test_prepare_with_keyword_fusion(config, setup):
+    c = config.copy_and_resolve_references()
+    c.sid.keyword_fusion = True
+    fused = trainer.prepare(c)
+    assert 0.5 < fused.info["keyword_coverage"] <= 1.0 and setup.info["keyword_coverage"] == 0.0
+    assert not np.array_equal(fused.item_codes, setup.item_codes)

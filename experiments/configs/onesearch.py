@@ -14,9 +14,9 @@ protocol and sizes on Amazon 2014 Beauty 5-core: 256-256-256 + OPQ as the 4th le
 TIGER's published Recall@10 is 0.0648) and `esci_paper` (ESCI us, small version).
 """
 
-CPU_TEST_SOURCES = ("kuaisearch", "amazon2014", "amazon2018", "esci")
-
 import ml_collections
+
+CPU_TEST_SOURCES = ("kuaisearch", "amazon2014", "amazon2018", "esci")
 
 
 def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:

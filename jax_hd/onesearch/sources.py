@@ -2,12 +2,22 @@
 and search log (with splits) that `trainer.prepare` builds SIDs, the three SFT stages, alignment data and evaluation
 from.
 
-| source | sessions of the log | users / profile | [TEXT2CAT] of a query | keywords (cot) | relevance (RL reward) |
-|---|---|---|---|---|---|
-| simulated | the simulator's sessions (impressions, clicks, orders) | yes | its latent intent's category path | the simulator's | the simulator's intent relevance of any item |
-| kuaisearch | `recall.jsonl` as is | `users.jsonl` if present | path of its most clicked train item (none: task skipped) | `keywords` / `p_keywords` fields if present | `relevance.jsonl` labels, unjudged 0 |
-| amazon2014 / amazon2018 | one per review: the item is its single, clicked impression; query `REVIEW_QUERY`; leave-one-out splits (last review test, second-last val) | none (no profile tokens) | none (skipped) | none | none (0) |
-| esci | one per query: its judged products impressed, Exact clicked and ordered, Substitute clicked when `data.esci_substitute_clicks`; the examples' train / test split; an anonymous user per session | none | none (skipped; ESCI products have no category) | none | E/S/C/I -> 3/2/1/0 |
+* `simulated`: the embedded world, the richest signals: impressions, clicks, orders, user profiles, each query's
+  category (its latent intent's path, for [TEXT2CAT]), keyword thoughts (cot), and relevance of ANY item to a session
+  (the simulator's intents; the RL reward's R_Rel).
+* `kuaisearch` (`read_kuaisearch(data.root)`): `recall.jsonl` sessions as they are (impressions, clicks, purchases,
+  splits); profiles from `users.jsonl` when present (else none); a query's category = the path of its most clicked
+  train item (`clicked_category`; queries without one skip [TEXT2CAT]); keywords from the optional `keywords` /
+  `p_keywords` fields; relevance = the `relevance.jsonl` labels, unjudged pairs 0.
+* `amazon2014` / `amazon2018` (reviews + meta, 5-core; TIGER protocol): one session per review, the reviewed item its
+  single clicked impression (`review_log`), every query the placeholder `REVIEW_QUERY`, leave-one-out splits (last
+  review test, second-last val). Missing: queries, orders, exposure, profiles, query categories, keywords, relevance
+  (0): those tasks, streams and reward terms are empty; the test split is the protocol's test set and
+  `eval.leave_one_out_users` adds Recall / NDCG @5 / @K on it.
+* `esci` (`read_esci`): one session per query (`esci_log`): its judged products impressed, Exact clicked and ordered,
+  Substitute clicked when `data.esci_substitute_clicks`, relevance E/S/C/I = 3/2/1/0, the examples' train / test
+  split; an anonymous user per session, so no profile or history (personalisation is empty); no categories (ESCI
+  products have none: no [TEXT2CAT] / [SID2CAT]) and no keywords.
 
 Orders: Amazon has none (its order test set is empty); ESCI's "order" test set is the Exact products of the test
 queries (its "click" set adds the Substitutes when they count as clicks). Cold items: never impressed in the train
@@ -118,7 +128,9 @@ def clicked_category(catalog: catalog_lib.Catalog, log: catalog_lib.QueryLog, sp
         return {}
     names, q = np.unique(part.queries, return_inverse=True)
     n = len(catalog)
-    keys, counts = np.unique(q[part.impression_session[clicked]] * n + part.impressed_items[clicked], return_counts=True)
+    keys, counts = np.unique(
+        q[part.impression_session[clicked]] * n + part.impressed_items[clicked], return_counts=True
+    )
     order = np.lexsort((keys % n, -counts, keys // n))  # per query: most clicks first, then the lower row
     out: dict[str, str] = {}
     for k in keys[order].tolist():
@@ -145,7 +157,7 @@ def review_log(history: catalog_lib.UserHistory, query: str = REVIEW_QUERY) -> c
     return catalog_lib.QueryLog(
         session_ids=np.asarray([f"{u}#{i}" for u, i in zip(users.tolist(), range(n), strict=True)], np.str_),
         user_ids=users,
-        queries=np.full(n, query, dtype=np.str_) if n else np.zeros(0, "<U1"),
+        queries=np.full(n, query),
         timestamps=np.arange(n, dtype=np.int64),
         splits=splits.astype(np.str_),
         impression_offsets=np.arange(n + 1, dtype=np.int64),
@@ -153,7 +165,7 @@ def review_log(history: catalog_lib.UserHistory, query: str = REVIEW_QUERY) -> c
         clicked=np.ones(n, bool),
         ordered=np.zeros(n, bool),
         relevance=np.full(n, -1, np.int8),
-        query_types=np.full(n, "", dtype=np.str_) if n else np.zeros(0, "<U1"),
+        query_types=np.full(n, ""),
         keywords=empty,
         preference_keywords=empty,
     )
@@ -174,7 +186,9 @@ def esci_log(data: catalog_lib.EsciData, *, substitute_clicks: bool = False) -> 
     ):  # fmt: skip
         s = sessions.setdefault(qid, {"query": query, "split": split, "items": {}})
         if split != s["split"]:
-            raise catalog_lib.CatalogDataError(f"ESCI examples: query id {qid!r} is in splits {s['split']!r} and {split!r}")
+            raise catalog_lib.CatalogDataError(
+                f"ESCI examples: query id {qid!r} is in splits {s['split']!r} and {split!r}"
+            )
         s["items"].setdefault(item, label)
     click_labels = (3, 2) if substitute_clicks else (3,)
     rows = []

@@ -776,7 +776,10 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         title, sid, cat_ids = tokens(titles[i]), sid_tok(item_codes[i]), tokens(cat_texts[i])
         s1 += [(task("[I2SID]", title), target(sid, eos=False)), (task("[SID2I]", sid), target(title, eos=True))]
         if cat_texts[i]:
-            s1 += [(task("[TEXT2CAT]", title), target(cat_ids, eos=True)), (task("[SID2CAT]", sid), target(cat_ids, eos=True))]
+            s1 += [
+                (task("[TEXT2CAT]", title), target(cat_ids, eos=True)),
+                (task("[SID2CAT]", sid), target(cat_ids, eos=True)),
+            ]
     for q in queries:
         qi, sid = tokens(q), sid_tok(query_codes[query_row[q]])
         s1 += [(task("[Q2SID]", qi), target(sid, eos=False)), (task("[SID2Q]", sid), target(qi, eos=True))]

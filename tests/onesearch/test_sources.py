@@ -253,14 +253,26 @@ def mesh():
 
 
 def _finite(tree) -> bool:
+    """Every float finite, except in blocks of an empty slice (`num` 0: NaN metrics)."""
     if isinstance(tree, dict):
-        return all(_finite(v) for v in tree.values())
+        return tree.get("num") == 0 or all(_finite(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
         return all(_finite(v) for v in tree)
     return not isinstance(tree, float) or math.isfinite(tree)
 
 
-@pytest.mark.parametrize("source", ["kuaisearch", "amazon2014", "amazon2018", "esci"])
+_SLOW = pytest.mark.slow  # ~40 s each on 2 shared cores (a fresh model / beam-search compile per source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "amazon2014",  # the fast one: the path furthest from the simulated world (TIGER protocol, no queries / orders)
+        pytest.param("amazon2018", marks=_SLOW),
+        pytest.param("kuaisearch", marks=_SLOW),
+        pytest.param("esci", marks=_SLOW),
+    ],
+)
 def test_train_end_to_end(source, data_dirs, mesh, tmp_path):
     config = _config(source, data_dirs[source])
     results = trainer.train(config, str(tmp_path), mesh=mesh)

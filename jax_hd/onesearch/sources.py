@@ -213,12 +213,17 @@ def esci_log(data: catalog_lib.EsciData, *, substitute_clicks: bool = False) -> 
     return catalog_lib._build_log(rows)
 
 
-def simulated_source(config: ml_collections.ConfigDict) -> SourceData:
+def simulated_world_of(config: ml_collections.ConfigDict) -> catalog_lib.SimulatedWorld:
+    """The simulated world of `config.seed` / `config.data.num_*`."""
     d = config.data
-    world = catalog_lib.simulated_world(
+    return catalog_lib.simulated_world(
         config.seed, num_items=d.num_items, num_users=d.num_users, num_sessions=d.num_sessions,
         num_intents=d.num_intents,
     )  # fmt: skip
+
+
+def simulated_source(config: ml_collections.ConfigDict) -> SourceData:
+    world = simulated_world_of(config)
     return SourceData(
         "simulated", world.catalog, world.log, world.users, simulated_query_category(world), world.cold_items, world
     )

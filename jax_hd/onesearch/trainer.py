@@ -532,12 +532,8 @@ def label_length(config: ml_collections.ConfigDict, num_levels: int) -> int:
 
 
 def simulated_world_of(config: ml_collections.ConfigDict) -> catalog_lib.SimulatedWorld:
-    """The simulated world of `config.seed` / `config.data` (what `prepare` trains on)."""
-    d = config.data
-    return catalog_lib.simulated_world(
-        config.seed, num_items=d.num_items, num_users=d.num_users, num_sessions=d.num_sessions,
-        num_intents=d.num_intents,
-    )  # fmt: skip
+    """The simulated world of `config.seed` / `config.data` (what `prepare` reads when `data.source="simulated"`)."""
+    return sources_lib.simulated_world_of(config)
 
 
 def _category_members(catalog: catalog_lib.Catalog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -6,9 +6,17 @@ Presets: `cpu_test` (seconds; tests: a 300-item world, hashed embeddings, a 1+1-
 embedded simulated world at 5k items, real MiniLM embeddings for the SIDs, BART 2+2 layers d=128, 100 / 50 / 600
 steps in the three SFT stages; <= ~15 minutes on one CPU core), `bart_base_paper` (BART-base 6+6 d=768, spec §1.4's
 4096-1024-512 + OPQ 2x256 codebooks, beam 512; accelerator scale).
+
+Real logs (`data.source`; give the paths on the command line, e.g. `--config.data.root=/data/kuaisearch`):
+`cpu_test_kuaisearch`, `cpu_test_amazon2014`, `cpu_test_amazon2018`, `cpu_test_esci` (cpu_test sizes; tests set the
+paths to fixture files), `kuaisearch_paper` (bart_base_paper on KuaiSearch), `amazon2014_beauty_tiger` (TIGER's
+protocol and sizes on Amazon 2014 Beauty 5-core: 256-256-256 + OPQ as the 4th level, beam 20, HR@5/10 leave-one-out;
+TIGER's published Recall@10 is 0.0648) and `esci_paper` (ESCI us, small version).
 """
 
 import ml_collections
+
+CPU_TEST_SOURCES = ("kuaisearch", "amazon2014", "amazon2018", "esci")
 
 
 def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
@@ -20,12 +28,34 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(
         dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1)
     )
+    # Data source (`jax_hd.onesearch.sources`): "simulated" (the embedded world, the richest signals: intents, category
+    # tree, keyword thoughts, profiles, exposure), "kuaisearch" (root: directory of items.jsonl + recall.jsonl, users /
+    # relevance .jsonl optional; a query's [TEXT2CAT] category is its most clicked train item's path, queries without
+    # one skip the task), "amazon2014" / "amazon2018" (reviews_path + meta_path, 5-core: TIGER protocol, one clicked
+    # session per review with the placeholder query "next item", leave-one-out splits; no queries, orders, profiles,
+    # categories for queries, keywords or relevance: those tasks / streams / rewards are empty or 0; evaluate with
+    # eval.leave_one_out_users), "esci" (examples_path + products_path, locale, esci_version small / large / all: one
+    # anonymous session per query, judged products impressed, Exact = click + order, Substitute = click when
+    # esci_substitute_clicks, train / test from the examples' split; no users, history, categories or keywords; the
+    # "order" test set = the test queries' Exact products). skip_bad_items: Amazon / ESCI items without text,
+    # duplicate meta rows and reviews of unknown items are dropped instead of raising. The num_* fields below shape
+    # only the simulated world.
     # Simulated world and example budgets. max_long: long behaviour sequence cap (spec: up to ~1e3);
     # max_examples: per-stage cap (stage 3: + half as many sliding-window samples); stage3_replay: stage-3 rows mixed
     # into stages 1 and 2, as a share of each stage's size (0: none; issue 21: without them the task prompts of
     # stages 1-2 leave a generator whose first SID token ignores the personalised request).
     c.data = ml_collections.ConfigDict(
         dict(
+            source="simulated",
+            root="",
+            reviews_path="",
+            meta_path="",
+            examples_path="",
+            products_path="",
+            locale="us",
+            esci_version="small",
+            esci_substitute_clicks=False,
+            skip_bad_items=False,
             num_items=20_000,
             num_users=5_000,
             num_sessions=50_000,
@@ -178,7 +208,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         )
     )
 
-    if preset == "cpu_test":
+    if preset == "cpu_test" or preset.removeprefix("cpu_test_") in CPU_TEST_SOURCES:
         c.data.update(
             num_items=300,
             num_users=60,
@@ -221,6 +251,9 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
             async_checkpoint=False,
         )
         c.eval.update(num_beams=4, max_pairs=24, batch_size=8, unconstrained_pairs=8, leave_one_out_users=8)
+        if preset != "cpu_test":
+            c.data.source = preset.removeprefix("cpu_test_")
+            c.data.sliding_window = c.data.source != "esci"  # ESCI: no users, so no behaviour sequences
     elif preset == "cpu_demo":
         # Sized for <= ~15 minutes on one CPU core (issue 21; measured ~13 min wall on a shared core, MiniLM cached):
         # a 5k-item world (about 1k queries), 10k stage-3 click rows + 5k sliding-window rows, stage 3 the longest
@@ -233,7 +266,7 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.model.update(sid_softmax="split", tie_embeddings=False)
         c.trainer.update(stage1_steps=100, stage2_steps=50, stage3_steps=600)
         c.eval.update(leave_one_out_users=64, every_stage=False)
-    elif preset == "bart_base_paper":
+    elif preset in ("bart_base_paper", "kuaisearch_paper", "esci_paper"):
         c.sid.update(rq_sizes=(4096, 1024, 512), opq_codebook_size=256, kmeans_iters=25, opq_iters=10)
         c.data.update(max_long=1000, max_examples=10_000_000, bpe_vocab_size=50_000)
         c.model.update(
@@ -260,6 +293,33 @@ def get_config(preset: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.eval.update(
             num_beams=512, top_k=350, max_pairs=30_000, batch_size=32, unconstrained_pairs=4096, leave_one_out_users=0
         )
+        if preset == "kuaisearch_paper":
+            # The OneSearch team's own log (full release "after review"; catalogue size UNKNOWN here): the paper's
+            # codebooks as is. Users' profiles come from users.jsonl when present.
+            c.data.source = "kuaisearch"
+        elif preset == "esci_paper":
+            # ESCI us, small version (~0.5M judgments over ~0.3M products: UNVERIFIED sizes): codebooks sized to
+            # ~0.3M items, K = 100 (ESCI queries have ~20 judged products); no users, so no behaviour sequences.
+            c.data.update(source="esci", locale="us", esci_version="small", skip_bad_items=True, sliding_window=False)
+            c.sid.update(rq_sizes=(1024, 256, 64))
+            c.eval.update(num_beams=128, top_k=100, max_pairs=20_000)
+    elif preset == "amazon2014_beauty_tiger":
+        # TIGER (spec §3.1) on Amazon 2014 Beauty 5-core (~12k items, ~22k users, ~198k reviews): 256-256-256 RQ codes
+        # with our OPQ codes as the 4th level (TIGER appends a collision digit instead), a 4+4-layer encoder-decoder
+        # d_model 128 / d_ff 1024 / dropout 0.1 (TIGER's T5 has 6 heads of 64; here 4 heads of 32), beam 20, Recall
+        # (= HR with one target) and NDCG @5 / @10 on every user's last review (leave_one_out). MiniLM item-title
+        # embeddings stand in for TIGER's Sentence-T5 (no hub downloads). Published: R@10 0.0648, NDCG@10 0.0384.
+        c.data.update(source="amazon2014", skip_bad_items=True, max_long=20, max_examples=400_000)
+        c.sid.update(rq_sizes=(256, 256, 256), last_level_mode="global", kmeans_iters=25, opq_iters=10)
+        c.layout.update(max_recent=20)
+        c.model.update(d_model=128, encoder_layers=4, decoder_layers=4, heads=4, ffn_dim=1024, dropout=0.1)
+        c.trainer.update(batch_size=256, lr=1e-3, warmup_steps=1000, stage1_steps=2_000, stage2_steps=1_000,
+                         stage3_steps=30_000, checkpoint_every=2_000, log_every=100)  # fmt: skip
+        c.eval.update(num_beams=20, top_k=10, max_pairs=100_000, batch_size=256, unconstrained_pairs=1024,
+                      leave_one_out_users=100_000, every_stage=False)  # fmt: skip
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose cpu_test, cpu_demo or bart_base_paper")
+        raise ValueError(
+            f"unknown preset {preset!r}; choose cpu_test, cpu_demo, bart_base_paper, kuaisearch_paper, "
+            f"amazon2014_beauty_tiger, esci_paper or cpu_test_<source> ({', '.join(CPU_TEST_SOURCES)})"
+        )
     return c

@@ -1,4 +1,5 @@
-"""OneSearch multi-stage SFT (spec onesearch.md §1.7) on the simulated world (or any `SimulatedWorld`-shaped data).
+"""OneSearch multi-stage SFT (spec onesearch.md §1.7) on the simulated world or a real log (`config.data.source`:
+KuaiSearch, Amazon 2014 / 2018 reviews, ESCI; `onesearch.sources` says what each provides and how gaps are filled).
 
 Pipeline (`prepare` builds everything on the host, deterministically per seed):
 
@@ -54,6 +55,7 @@ from jax_hd.models import bart, qformer, qwen2
 from jax_hd.onesearch import alignment, diagnostics, distill, evaluate, semantic_ids
 from jax_hd.onesearch import keywords as keywords_lib
 from jax_hd.onesearch import model as model_lib
+from jax_hd.onesearch import sources as sources_lib
 
 SFT_STAGES = ("stage1", "stage2", "stage3")
 ALIGN_STAGES = ("dpo", "rl")
@@ -70,6 +72,16 @@ SCHEMA = {
     "mesh.fsdp": F(int, low=-1),
     "mesh.tensor": F(int, low=-1),
     "distributed.mode": F(str, choices=("auto", "always", "never")),
+    "data.source": F(str, choices=sources_lib.SOURCES),
+    "data.root": F(str),
+    "data.reviews_path": F(str),
+    "data.meta_path": F(str),
+    "data.examples_path": F(str),
+    "data.products_path": F(str),
+    "data.locale": F(str),
+    "data.esci_version": F(str, choices=sources_lib.ESCI_VERSIONS),
+    "data.esci_substitute_clicks": F(bool),
+    "data.skip_bad_items": F(bool),
     "data.num_items": F(int, positive=True),
     "data.num_users": F(int, positive=True),
     "data.num_sessions": F(int, positive=True),
@@ -181,6 +193,7 @@ SCHEMA = {
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     config_lib.validate(config, SCHEMA)
+    sources_lib.check_source_config(config)
     for stage in ALIGN_STAGES:
         if config[stage].steps and not config.align.enabled:
             raise config_lib.ConfigError(f"config.{stage}.steps={config[stage].steps} needs config.align.enabled=True")
@@ -425,6 +438,8 @@ class AlignData:
       pad): drawn round-robin from exposed-not-clicked, same category not exposed, random other category; never a
       truth item.
     ctr: the calibrated CTR table (`item_rewards`).
+    relevance: judged (query, item) relevance of a real log (`item_rewards`); None for the simulated world, whose
+      latent intents score any item.
     """
 
     examples: Examples
@@ -436,6 +451,7 @@ class AlignData:
     negatives: np.ndarray
     negative_levels: np.ndarray
     ctr: CtrTable
+    relevance: sources_lib.RelevanceTable | None = None
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -446,7 +462,7 @@ class Setup:
     """Everything `prepare` builds on the host."""
 
     config: ml_collections.ConfigDict
-    world: catalog_lib.SimulatedWorld
+    source: sources_lib.SourceData
     vocab: model_lib.Vocab
     layout: model_lib.LayoutConfig
     model_config: model_lib.OneSearchConfig
@@ -467,6 +483,11 @@ class Setup:
     info: dict[str, Any]
     cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
     align: AlignData | None = None
+
+    @property
+    def world(self) -> catalog_lib.SimulatedWorld | None:
+        """The simulated world behind the data (None for a real log)."""
+        return self.source.world
 
     @property
     def input_length(self) -> int:
@@ -549,12 +570,8 @@ def label_length(config: ml_collections.ConfigDict, num_levels: int) -> int:
 
 
 def simulated_world_of(config: ml_collections.ConfigDict) -> catalog_lib.SimulatedWorld:
-    """The simulated world of `config.seed` / `config.data` (what `prepare` trains on)."""
-    d = config.data
-    return catalog_lib.simulated_world(
-        config.seed, num_items=d.num_items, num_users=d.num_users, num_sessions=d.num_sessions,
-        num_intents=d.num_intents,
-    )  # fmt: skip
+    """The simulated world of `config.seed` / `config.data` (what `prepare` reads when `data.source="simulated"`)."""
+    return sources_lib.simulated_world_of(config)
 
 
 def _category_members(catalog: catalog_lib.Catalog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -606,11 +623,12 @@ def _user_sessions(log: catalog_lib.QueryLog, users: np.ndarray) -> tuple[np.nda
 
 
 def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> Setup:
-    """Builds the world, SIDs, tokenizer, vocabulary and every stage's / evaluation set's examples."""
+    """Reads the data source (`sources.load_source`: the simulated world or a real log), builds SIDs, tokenizer,
+    vocabulary and every stage's / evaluation set's examples."""
     t0 = time.time()
     d, lay, cot = config.data, config.layout, config.cot
-    world = simulated_world_of(config)
-    cat, log = world.catalog, world.log
+    source = sources_lib.load_source(config)
+    cat, log, users = source.catalog, source.log, source.users
     n_items = len(cat)
     queries = sorted(set(log.queries.tolist()))
     query_row = {q: i for i, q in enumerate(queries)}
@@ -632,9 +650,11 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     tokenizer = train_bpe_tokenizer(titles + queries + cat_texts, vocab_size=d.bpe_vocab_size, extra_tokens=())
     tokens = _Tokens(tokenizer)
     tokens.warm(titles + queries + sorted(set(cat_texts)))
-    profile_values = tuple(
-        sorted({f"gender:{g}" for g in world.users.genders.tolist()} | {f"age:{a}" for a in world.users.age_buckets})
-    )
+    profile_values = ()
+    if users is not None:
+        profile_values = tuple(
+            sorted({f"gender:{g}" for g in users.genders.tolist()} | {f"age:{a}" for a in users.age_buckets})
+        )
     vocab = model_lib.Vocab(len(tokenizer), sid_model.level_sizes, sid_model.level_offsets, profile_values)
     layout = model_lib.LayoutConfig(
         max_query_tokens=lay.max_query_tokens, max_recent=lay.max_recent, recent_query_tokens=lay.recent_query_tokens,
@@ -669,7 +689,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     # Behaviour context per session and per history event.
     history = catalog_lib.history_from_log(log)
     user_of = history.row_of
-    profile_row = world.users.row_of
+    profile_row = users.row_of if users is not None else {}
     session_users = np.asarray([user_of.get(u, -1) for u in log.user_ids.tolist()])
     order, offsets = _user_sessions(log, np.maximum(session_users, 0))
     sess_times = log.timestamps[order]
@@ -710,7 +730,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
 
     def profile_of(user_id: str) -> list[str]:
         p = profile_row.get(user_id)
-        return [] if p is None else [f"gender:{world.users.genders[p]}", f"age:{world.users.age_buckets[p]}"]
+        return [] if p is None else [f"gender:{users.genders[p]}", f"age:{users.age_buckets[p]}"]
 
     # V2 keyword thoughts per session (spec §2.3): the simulator's, or a keyword file's for this catalogue.
     core_kw: list[tuple[str, ...]] = []
@@ -785,31 +805,24 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     )
     task = functools.partial(model_lib.build_task_input, vocab, layout)
 
-    # 3a. Stage 1: semantic alignment.
-    query_cat: dict[str, str] = {}
-    for q, intent in zip(log.queries.tolist(), world.session_intents.tolist(), strict=True):
-        leaf = int(world.intents.leaves[intent])
-        l2 = int(world.tree.leaf_parent[leaf])
-        path = (world.tree.l1_names[world.tree.l2_parent[l2]], world.tree.l2_names[l2], world.tree.leaf_names[leaf])
-        query_cat.setdefault(q, " > ".join(path))
+    # 3a. Stage 1: semantic alignment ([TEXT2CAT] / [SID2CAT] only where the source knows the category).
+    query_cat = source.query_category
     tokens.warm(sorted(set(query_cat.values())))
     s1: list[tuple[np.ndarray, np.ndarray]] = []
     item_sample = rng.permutation(n_items)[: d.max_examples // 4]
     for i in item_sample.tolist():
         title, sid, cat_ids = tokens(titles[i]), sid_tok(item_codes[i]), tokens(cat_texts[i])
-        s1 += [
-            (task("[I2SID]", title), target(sid, eos=False)),
-            (task("[SID2I]", sid), target(title, eos=True)),
-            (task("[TEXT2CAT]", title), target(cat_ids, eos=True)),
-            (task("[SID2CAT]", sid), target(cat_ids, eos=True)),
-        ]
+        s1 += [(task("[I2SID]", title), target(sid, eos=False)), (task("[SID2I]", sid), target(title, eos=True))]
+        if cat_texts[i]:
+            s1 += [
+                (task("[TEXT2CAT]", title), target(cat_ids, eos=True)),
+                (task("[SID2CAT]", sid), target(cat_ids, eos=True)),
+            ]
     for q in queries:
         qi, sid = tokens(q), sid_tok(query_codes[query_row[q]])
-        s1 += [
-            (task("[Q2SID]", qi), target(sid, eos=False)),
-            (task("[SID2Q]", sid), target(qi, eos=True)),
-            (task("[TEXT2CAT]", qi), target(tokens(query_cat[q]), eos=True)),
-        ]
+        s1 += [(task("[Q2SID]", qi), target(sid, eos=False)), (task("[SID2Q]", sid), target(qi, eos=True))]
+        if q in query_cat:
+            s1.append((task("[TEXT2CAT]", qi), target(tokens(query_cat[q]), eos=True)))
     # 3b. Stage 2: co-occurrence of train clicks.
     s2: list[tuple[np.ndarray, np.ndarray]] = []
     for p in uniq_pair[rng.permutation(len(uniq_pair))[: d.max_examples // 4]].tolist():
@@ -936,7 +949,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         q_counts = np.asarray([query_train_count[query_row[q]] for q in ex.queries.tolist()])
         eval_slices[which] = {
             "long_tail_query": q_counts <= config.eval.long_tail_max_count,
-            "cold_item": world.cold_items[ex.targets],
+            "cold_item": source.cold_items[ex.targets],
         }
         popularity[which] = evaluate.popularity_rankings(
             [query_clicks.get(query_row[q], []) for q in ex.queries.tolist()], item_clicks, config.eval.top_k
@@ -1013,6 +1026,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
             negatives=padded(a_negs, al.num_negatives, -1, np.int32),
             negative_levels=padded(a_levels, al.num_negatives, -1, np.int8),
             ctr=ctr_table(train, query_row, n_items, al.ctr_prior_strength),
+            relevance=None if source.world is not None else sources_lib.relevance_table(log, query_row, n_items),
         )
 
     tree = pt.build_prefix_tree(
@@ -1020,7 +1034,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
     )
     collisions = semantic_ids.collision_table(item_codes, popularity=item_clicks)
     info = {
-        "num_items": n_items, "num_queries": len(queries), "vocab_size": vocab.vocab_size,
+        "source": source.name, "num_items": n_items, "num_queries": len(queries), "vocab_size": vocab.vocab_size,
         "text_vocab_size": vocab.text_vocab_size, "input_length": input_len, "sid_stats": stats,
         "keyword_coverage": round(keyword_coverage, 4),
         "stage_examples": {k: len(v) for k, v in stages.items()}, "stage3_base": num_base,
@@ -1040,7 +1054,7 @@ def prepare(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> 
         info["align_prompts"] = len(align)
     logging.info("onesearch data: %s", json.dumps(info))
     return Setup(
-        config, world, vocab, layout, model_config, sid_model, item_codes, query_codes, query_row, tables,
+        config, source, vocab, layout, model_config, sid_model, item_codes, query_codes, query_row, tables,
         entity_rows, tree, collisions, item_clicks, stages, eval_sets, eval_slices, popularity, loo, info, align=align,
     )  # fmt: skip
 
@@ -1102,7 +1116,8 @@ def item_rewards(
     """Composite reward of ANY items for alignment prompts (spec §2.6): R_item = R_C&O + R_CTR + R_Rel.
 
     rows: `[n]` rows of `setup.align`; items: `[n, c]` catalog rows (-1: an invalid SID, scores 0 everywhere).
-    Returns `[n, c]` float32 arrays 'relevance' (0-3, `catalog.intent_relevance`), 'ctr' (calibrated, clipped to
+    Returns `[n, c]` float32 arrays 'relevance' (0-3: `catalog.intent_relevance` on the simulated world, a real log's
+    judged labels otherwise, unjudged 0), 'ctr' (calibrated, clipped to
     [0, 1]), 'click_order' (`order_value` if ordered in the session, `click_value` if clicked, else 0) and 'total'.
     """
     align = setup.align
@@ -1110,7 +1125,10 @@ def item_rewards(
         raise ValueError("item_rewards needs alignment data: set config.align.enabled=True")
     rows = np.asarray(rows, np.int64).reshape(-1)
     items = np.asarray(items, np.int64)
-    relevance = catalog_lib.intent_relevance(setup.world, align.sessions[rows], items).astype(np.float32)
+    if align.relevance is not None:
+        relevance = align.relevance(align.query_rows[rows], items).astype(np.float32)
+    else:
+        relevance = catalog_lib.intent_relevance(setup.world, align.sessions[rows], items).astype(np.float32)
     ctr = np.clip(align.ctr(align.query_rows[rows], items), 0.0, 1.0)
     truth, ordered = align.truth[rows][:, None, :], align.truth_ordered[rows][:, None, :]
     hit = (items[..., None] == truth) & (truth >= 0) & (items[..., None] >= 0)
@@ -1397,7 +1415,7 @@ def stage_fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Per stage, a hash of every config field its params depend on (its own fields and all earlier stages'), so
     runs that share a prefix of stages (the rows of the incremental table) share those stages' checkpoints."""
     tree = json.loads(config.to_json_best_effort())
-    for name in _NOT_TRAINING:
+    for name in _NOT_TRAINING + tuple(f"data.{f}" for f in sources_lib.unused_source_fields(config)):
         _pop(tree, name)
     own = {stage: {f: _pop(tree, f) for f in fields} for stage, fields in STAGE_FIELDS.items()}
     digest = json.dumps(tree, sort_keys=True)
